@@ -1,0 +1,143 @@
+"""The ``wartok`` command line: parses arguments, loads the recipe, calls a stage.
+
+No training or data logic lives here. A ``WartokError`` (a mistake the user
+can fix) becomes a short message and exit status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+
+from wartok_cli import __version__
+from wartok_cli.errors import WartokError
+from wartok_cli.logs import setup_logging
+from wartok_cli.recipe import Recipe, load_recipe
+
+app = typer.Typer(
+    name="wartok",
+    help="Train discrete image tokenizers whose tokens an autoregressive prior predicts well (wAR-Tok).",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+)
+stderr = Console(stderr=True)
+log = logging.getLogger("wartok")
+
+RecipeArgument = typer.Argument(..., help="Path of the YAML recipe.", show_default=False)
+SetOption = typer.Option(
+    [], "--set", "-s", help="Override a recipe field, e.g. --set pretrain.steps=200. Repeatable.", show_default=False
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wartok {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """wartok: wAR-Tok tokenizer training from YAML recipes."""
+    setup_logging(verbose=verbose, quiet=quiet)
+
+
+def user_errors(function: Callable) -> Callable:
+    """Turn a WartokError into a message on stderr and exit status 2."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except WartokError as error:
+            stderr.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _load(recipe: Path, overrides: List[str]) -> Recipe:
+    return load_recipe(recipe, overrides)
+
+
+@app.command()
+@user_errors
+def prepare(
+    recipe: Path = RecipeArgument,
+    overrides: List[str] = SetOption,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write the shards again even if they are complete."),
+) -> None:
+    """Turn the recipe's image source into WebDataset shards and a manifest."""
+    from wartok_cli.data.prepare import prepare as run_prepare
+
+    run_prepare(_load(recipe, overrides), overwrite=overwrite)
+
+
+@app.command("pretrain-tokenizer")
+@user_errors
+def pretrain_tokenizer(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
+    """Train the tokenizer for reconstruction only (stage 1 of the baseline)."""
+    from wartok_cli.train.pretrain import pretrain_tokenizer as run_stage
+
+    run_stage(_load(recipe, overrides))
+
+
+@app.command("train-prior")
+@user_errors
+def train_prior(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
+    """Encode the shards with a tokenizer and train an AR prior on the tokens."""
+    from wartok_cli.train.prior import train_prior as run_stage
+
+    run_stage(_load(recipe, overrides))
+
+
+@app.command("train-wartok")
+@user_errors
+def train_wartok(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
+    """Fine-tune the tokenizer with the wAR-Tok prior-matching signal."""
+    from wartok_cli.train.wartok import train_wartok as run_stage
+
+    run_stage(_load(recipe, overrides))
+
+
+def _not_implemented(name: str) -> None:
+    raise WartokError(f"`wartok {name}` is not implemented yet in wartok {__version__}.")
+
+
+@app.command()
+@user_errors
+def sample(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
+    """Sample images from a trained prior and tokenizer (not implemented yet)."""
+    _load(recipe, overrides)
+    _not_implemented("sample")
+
+
+@app.command()
+@user_errors
+def evaluate(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
+    """Compute rFID, gFID, reconstruction metrics and gLoss (not implemented yet)."""
+    _load(recipe, overrides)
+    _not_implemented("evaluate")
+
+
+@app.command()
+@user_errors
+def pipeline(
+    recipe: Optional[Path] = typer.Argument(None, help="Path of the YAML recipe.", show_default=False),
+    overrides: List[str] = SetOption,
+) -> None:
+    """Run every stage in order (not implemented yet; recipes/quickstart.sh chains them)."""
+    _not_implemented("pipeline")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

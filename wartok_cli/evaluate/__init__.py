@@ -1,0 +1,1 @@
+"""Metrics: reconstruction quality, codebook statistics and the AR loss (gLoss)."""

@@ -1,0 +1,1 @@
+"""Training stages on the shared Accelerate loop: one module per stage."""

@@ -1,0 +1,88 @@
+"""The wAR-Tok stage: tokenizer training with the prior-matching signal.
+
+This module only wires the pieces of ``wartok_cli.wgf`` into the shared loop:
+the reconstruction objective stays as in pretraining, lambda * L_wgf is added,
+and the auxiliary prior is refitted on the current tokens after every step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+
+from wartok_cli import wgf
+from wartok_cli.errors import WartokError
+from wartok_cli.evaluate.reconstruction import codebook_stats
+from wartok_cli.export import load_prior, load_tokenizer
+from wartok_cli.recipe import Recipe
+from wartok_cli.train.common import eval_batches, reconstruction_loss, train_batches
+from wartok_cli.train.loop import EMA, Trainer, clip_and_step, make_optimizer, start_run, warmup_cosine
+from wartok_cli.train.pretrain import finish_tokenizer_run, preview_tokenizer
+
+log = logging.getLogger("wartok")
+
+RUN_NAME = "wartok"
+
+
+def train_wartok(recipe: Recipe) -> dict:
+    """Fine-tune a pretrained tokenizer with reconstruction + lambda * L_wgf; return its validation metrics."""
+    settings = recipe.wartok
+    run = start_run(recipe, RUN_NAME, settings)
+    accelerator = run.accelerator
+
+    tokenizer = load_tokenizer(recipe.run_dir(settings.init_tokenizer)).train()
+    target = load_prior(recipe.run_dir(settings.target_prior), run.device).requires_grad_(False)
+    if target.vocab_size != tokenizer.codebook_size or target.seq_len != tokenizer.num_tokens:
+        raise WartokError(
+            f"The target prior {settings.target_prior} models {target.vocab_size} codes x {target.seq_len} tokens, "
+            f"but the tokenizer {settings.init_tokenizer} has {tokenizer.codebook_size} codes x "
+            f"{tokenizer.num_tokens} tokens. Train the target prior on this tokenizer's tokens (wartok train-prior)."
+        )
+    # The auxiliary prior starts as an exact copy of the target, so the contrast starts at zero
+    # and grows as the tokenizer's tokens drift away from what the target was trained on.
+    aux = copy.deepcopy(target).requires_grad_(True).train()
+
+    optimizer = make_optimizer(tokenizer.parameters(), settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings))
+    aux_optimizer = make_optimizer(aux.parameters(), settings, lr=settings.aux_lr)
+    tokenizer, optimizer, aux, aux_optimizer = accelerator.prepare(tokenizer, optimizer, aux, aux_optimizer)
+    ema = EMA(accelerator.unwrap_model(tokenizer), settings.ema_decay)
+    trainer = Trainer(run, [(tokenizer, ema)], [scheduler])
+    preview_images = next(iter(eval_batches(run, batch_size=8)))["images"].to(run.device)
+    window = torch.zeros(recipe.tokenizer.codebook_size, dtype=torch.float64)  # decayed index counts
+
+    def step(step_index: int, batch: dict) -> dict[str, float]:
+        images, labels = batch["images"], batch["labels"]
+        weight = wgf.ramped_weight(step_index, settings.weight, settings.weight_start, settings.weight_ramp)
+        with accelerator.autocast():
+            output = tokenizer(images, temperature=settings.temperature)
+            recon, parts = reconstruction_loss(output, images, recipe.reconstruction)
+            indices = output.quant.indices
+            target_log_probs = wgf.log_probs(target, indices, labels)
+            aux_log_probs = wgf.log_probs(aux, indices, labels) if settings.contrast == "full" else None
+            contrast = wgf.contrast(aux_log_probs, target_log_probs, settings.contrast)
+            prior_loss = wgf.wgf_loss(contrast, output.quant.soft_assignment, indices)
+        loss = recon + weight * prior_loss
+        clip_and_step(run, loss, tokenizer, optimizer, scheduler)
+
+        with accelerator.autocast():
+            aux_ce = wgf.aux_update(aux, aux_optimizer, indices, labels, settings.aux_steps, accelerator.backward)
+        # Cross-entropy of the target on the current tokens: how predictable they are to the prior.
+        target_ce = -target_log_probs.gather(-1, indices[..., None]).mean().item()
+        hard_contrast = contrast.gather(-1, indices[..., None])
+        window.mul_(0.98).add_(torch.bincount(indices.flatten().cpu(), minlength=len(window)).double())
+        return {
+            "loss": loss.item(), "recon": recon.item(), **parts, "l_wgf": prior_loss.item(), "lambda": weight,
+            "contrast_mean": hard_contrast.mean().item(), "contrast_std": hard_contrast.std().item(),
+            "aux_ce": aux_ce, "target_ce": target_ce, "usage_recent": codebook_stats(window)["codebook_usage"],
+        }
+
+    def after_step(done: int) -> None:
+        if done % settings.preview_every == 0 or done == settings.steps:
+            preview_tokenizer(run, ema.model, preview_images, done)
+
+    trainer.fit(step, train_batches(run), after_step)
+    return finish_tokenizer_run(run, ema)
+
