@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from wartok_cli import __version__
 from wartok_cli.errors import WartokError
@@ -26,6 +27,8 @@ app = typer.Typer(
     add_completion=True,
     pretty_exceptions_enable=False,
 )
+recipe_app = typer.Typer(help="Check, show and describe recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
 stderr = Console(stderr=True)
 log = logging.getLogger("wartok")
 
@@ -59,7 +62,8 @@ def user_errors(function: Callable) -> Callable:
         try:
             return function(*args, **kwargs)
         except WartokError as error:
-            stderr.print(f"[bold red]error:[/] {error}", markup=True, highlight=False, soft_wrap=True)
+            # The message quotes user input, so it is escaped: "[...]" in a path is not a style tag.
+            stderr.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -107,6 +111,29 @@ def train_wartok(recipe: Path = RecipeArgument, overrides: List[str] = SetOption
     from wartok_cli.train.wartok import train_wartok as run_stage
 
     run_stage(_load(recipe, overrides))
+
+
+@recipe_app.command("validate")
+@user_errors
+def recipe_validate(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
+    """Check a recipe (and overrides) without running anything."""
+    _load(recipe, overrides)
+    typer.echo(f"{recipe}: valid")
+
+
+@recipe_app.command("show")
+@user_errors
+def recipe_show(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
+    """Print the resolved recipe as YAML, with base recipes merged and every default filled in."""
+    typer.echo(_load(recipe, overrides).to_yaml(), nl=False)
+
+
+@recipe_app.command("schema")
+def recipe_schema() -> None:
+    """Print the JSON Schema of a recipe, for editors that validate YAML."""
+    import json
+
+    typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
 def _not_implemented(name: str) -> None:

@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -58,14 +58,42 @@ class DataConfig(Section):
 class TokenizerConfig(Section):
     """Architecture of the tokenizer: encoder, quantizer and decoder."""
 
-    family: Literal["conv2d"] = Field("conv2d", description="Tokenizer family: 'conv2d' (VQGAN-style, raster order).")
-    base_channels: int = Field(64, ge=8, description="Channels of the first encoder level.")
+    # Fields that only one family reads, so the other family ignores them. Every field not listed
+    # here, except `family`, is shared by both.
+    FAMILY_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "conv2d": ("base_channels", "channel_mult", "num_res_blocks"),
+        "vit1d": (
+            "patch_size", "num_latent_tokens", "width", "encoder_depth", "decoder_depth", "heads", "mlp_ratio", "mlp",
+        ),
+    }
+
+    family: Literal["conv2d", "vit1d"] = Field(
+        "conv2d",
+        description="Tokenizer family: 'conv2d' (VQGAN-style, one token per cell of the latent grid, raster order) "
+        "or 'vit1d' (TiTok-style transformer, num_latent_tokens tokens per image).",
+    )
+    base_channels: int = Field(64, ge=8, description="conv2d only: channels of the first encoder level.")
     channel_mult: list[int] = Field(
         [1, 2, 2],
         min_length=1,
-        description="Channel multiplier per level; the image shrinks by 2 at each level after the first.",
+        description="conv2d only: channel multiplier per level; the image shrinks by 2 at each level after the first.",
     )
-    num_res_blocks: int = Field(1, ge=0, description="Residual blocks per level.")
+    num_res_blocks: int = Field(1, ge=0, description="conv2d only: residual blocks per level.")
+    patch_size: int = Field(4, ge=1, description="vit1d only: side of the square patches, in pixels.")
+    num_latent_tokens: int = Field(
+        32, ge=1, description="vit1d only: learnable latent tokens, which is the number of tokens per image."
+    )
+    width: int = Field(128, ge=8, description="vit1d only: transformer width (embedding dimension).")
+    encoder_depth: int = Field(4, ge=1, description="vit1d only: transformer blocks of the encoder.")
+    decoder_depth: int = Field(4, ge=1, description="vit1d only: transformer blocks of the decoder.")
+    heads: int = Field(4, ge=1, description="vit1d only: attention heads; must divide the width.")
+    mlp_ratio: float = Field(
+        4.0, gt=0, description="vit1d only: MLP size relative to the width; the gated MLP's hidden size is "
+        "2/3 of width * mlp_ratio, which keeps its weight count near that of a plain MLP of this ratio.",
+    )
+    mlp: Literal["geglu", "swiglu"] = Field(
+        "geglu", description="vit1d only: gated MLP of the blocks, 'geglu' (GELU gate) or 'swiglu' (SiLU gate)."
+    )
     codebook_size: int = Field(256, ge=2, description="Number of codes in the codebook.")
     code_dim: int = Field(8, ge=1, description="Dimension of the L2-normalised codes.")
     commitment_beta: float = Field(
@@ -74,8 +102,15 @@ class TokenizerConfig(Section):
 
     @property
     def downsample(self) -> int:
-        """Return the factor by which the image side shrinks."""
+        """Return the factor by which the image side shrinks (conv2d only)."""
         return 2 ** (len(self.channel_mult) - 1)
+
+    def model_options(self) -> dict[str, Any]:
+        """Return `family` plus the fields the chosen family's constructor takes, without the other family's."""
+        other_families = {
+            name for family, names in self.FAMILY_FIELDS.items() if family != self.family for name in names
+        }
+        return {key: value for key, value in self.model_dump().items() if key not in other_families}
 
 
 class PriorConfig(Section):
@@ -181,11 +216,21 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":
         side = self.data.resolution
-        if side % self.tokenizer.downsample:
+        tokenizer = self.tokenizer
+        if tokenizer.family == "conv2d" and side % tokenizer.downsample:
             raise ValueError(
                 f"data.resolution ({side}) must be divisible by the tokenizer's downsampling factor "
-                f"({self.tokenizer.downsample}, from {len(self.tokenizer.channel_mult)} levels in tokenizer.channel_mult)"
+                f"({tokenizer.downsample}, from {len(tokenizer.channel_mult)} levels in tokenizer.channel_mult)"
             )
+        if tokenizer.family == "vit1d":
+            if side % tokenizer.patch_size:
+                raise ValueError(
+                    f"data.resolution ({side}) must be divisible by tokenizer.patch_size ({tokenizer.patch_size})"
+                )
+            if tokenizer.width % tokenizer.heads:
+                raise ValueError(
+                    f"tokenizer.width ({tokenizer.width}) must be divisible by tokenizer.heads ({tokenizer.heads})"
+                )
         if self.data.source == "idx":
             missing = [name for name in ("train_images", "val_images") if getattr(self.data, name) is None]
             if missing:
@@ -200,6 +245,8 @@ class Recipe(Section):
     @property
     def tokens_per_image(self) -> int:
         """Return the length of the token sequence of one image."""
+        if self.tokenizer.family == "vit1d":
+            return self.tokenizer.num_latent_tokens
         return (self.data.resolution // self.tokenizer.downsample) ** 2
 
     def run_dir(self, name_or_path: str) -> Path:

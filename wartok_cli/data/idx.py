@@ -44,6 +44,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     dtype = _IDX_TYPES[raw[2]]
     ndim = raw[3]
     header_size = 4 + 4 * ndim
+    if len(raw) < header_size:
+        raise WartokError(f"{path} is truncated: its header promises {ndim} dimensions but the file ends first.")
     shape = struct.unpack(f">{ndim}I", raw[4:header_size])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header_size != expected:

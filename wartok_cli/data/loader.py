@@ -37,8 +37,8 @@ def _read_samples(shard: Path) -> Iterator[dict]:
         raise WartokError(f"Corrupt shard {shard} after sample {key}: {error}. Run `wartok prepare` again.") from error
 
 
-def _decode(sample: dict, channels: int, flip: bool) -> tuple[torch.Tensor, int]:
-    """Decode one sample to a float image in [-1, 1], (C, H, W), and its label (-1 if none)."""
+def _decode(sample: dict, channels: int, flip: bool) -> tuple[torch.Tensor, int, str]:
+    """Decode one sample to a float image in [-1, 1], (C, H, W), its label (-1 if none) and its key."""
     try:
         picture = Image.open(io.BytesIO(sample["png"]))
         picture = picture.convert("L" if channels == 1 else "RGB")
@@ -53,13 +53,14 @@ def _decode(sample: dict, channels: int, flip: bool) -> tuple[torch.Tensor, int]
     if flip:
         image = image.flip(-1)
     label = int(sample["cls"]) if "cls" in sample else -1
-    return image, label
+    return image, label, sample["__key__"]
 
 
-def _collate(decoded: list[tuple[torch.Tensor, int]]) -> dict[str, torch.Tensor]:
-    images = torch.stack([image for image, _ in decoded])
-    labels = torch.tensor([label for _, label in decoded], dtype=torch.long)
-    return {"images": images, "labels": labels}
+def _collate(decoded: list[tuple[torch.Tensor, int, str]]) -> dict:
+    """Stack decoded samples into a batch: images (batch, C, H, W), labels (batch,), keys (a list)."""
+    images = torch.stack([image for image, _, _ in decoded])
+    labels = torch.tensor([label for _, label, _ in decoded], dtype=torch.long)
+    return {"images": images, "labels": labels, "keys": [key for _, _, key in decoded]}
 
 
 class ShardStream(IterableDataset):
@@ -130,7 +131,6 @@ class ShardStream(IterableDataset):
         logical = (self._worker() + self.start_batch) % workers
         to_skip = self.start_batch // workers + (1 if logical < self.start_batch % workers else 0)
         slot = self.rank * workers + logical
-        flip_rng = random.Random(f"{self.seed}/flip/{slot}/{to_skip}")
         raw = []
         for sample in self._train_samples(slot, self.world_size * workers):
             raw.append(sample)
@@ -139,9 +139,7 @@ class ShardStream(IterableDataset):
             if to_skip:
                 to_skip -= 1
             else:
-                yield _collate([
-                    _decode(item, self.channels, flip=self.flip and flip_rng.random() < 0.5) for item in raw
-                ])
+                yield _collate([_decode(item, self.channels, flip=item["__flip__"]) for item in raw])
             raw = []
 
     def _train_samples(self, slot: int, slots: int) -> Iterator[dict]:
@@ -152,9 +150,13 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
             mine = order[slot::slots] or [order[slot % len(order)]]
             rng = random.Random(f"{self.seed}/samples/{epoch}/{slot}")
+            flip_rng = random.Random(f"{self.seed}/flip/{epoch}/{slot}")
             buffer = []
             for shard in mine:
                 for sample in _read_samples(shard):
+                    # The flip is drawn as the sample is read, so skipped batches draw theirs too
+                    # and a resumed stream flips the same images as an uninterrupted one.
+                    sample["__flip__"] = self.flip and flip_rng.random() < 0.5
                     if len(buffer) < self.shuffle_buffer:
                         buffer.append(sample)
                         continue

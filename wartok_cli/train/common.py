@@ -45,7 +45,7 @@ def train_batches(run: Run):
             start_batch=start_step,
         )
         for batch in loader:
-            yield {key: value.to(run.device) for key, value in batch.items()}
+            yield {**batch, "images": batch["images"].to(run.device), "labels": batch["labels"].to(run.device)}
 
     return batches_from
 
@@ -63,6 +63,13 @@ def eval_batches(run: Run, split: str = "val", batch_size: int | None = None):
         world_size=run.accelerator.num_processes,
         num_workers=recipe.data.num_workers,
     )
+
+
+def preview_batch(run: Run, count: int = 8) -> torch.Tensor:
+    """Return the first validation images, the same on every process, for preview grids."""
+    recipe = run.recipe
+    loader = make_loader(recipe.shards_dir, "val", batch_size=count, channels=recipe.data.channels, train=False)
+    return next(iter(loader))["images"].to(run.device)
 
 
 def save_grid(path: Path, *rows: torch.Tensor, columns: int = 8) -> None:

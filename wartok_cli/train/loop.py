@@ -143,6 +143,8 @@ def start_run(recipe: Recipe, name: str, settings: TrainConfig) -> Run:
             f"Use a multiple of {accelerator.num_processes}."
         )
     set_seed(recipe.seed + accelerator.process_index)
+    if not accelerator.is_main_process:
+        log.setLevel(max(log.level, logging.WARNING))  # one copy of each info line, from the main process
     run_dir = recipe.run_dir(name)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -160,6 +162,22 @@ def write_atomic(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text)
     temporary.replace(path)
+
+
+def check_in_sync(accelerator: Accelerator, model: nn.Module, name: str) -> None:
+    """Raise if the model's weights differ between processes; a no-op on one process.
+
+    Data-parallel training keeps replicas identical only if every process applies the
+    same update, so a difference means a bug (for example a codebook change on one rank).
+    """
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([parameter.detach().double().flatten() for parameter in model.parameters()])
+    checksum = torch.stack([flat.sum(), flat.pow(2).sum(), flat[::7].sum()]).to(accelerator.device)
+    gathered = accelerator.gather(checksum[None]).cpu()
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError(f"the weights of {name} differ between processes: checksums {gathered.tolist()}")
+    log.info("weights of %s identical on %d processes", name, accelerator.num_processes)
 
 
 def clip_and_step(run: Run, loss: torch.Tensor, model: nn.Module, optimizer, scheduler) -> float:

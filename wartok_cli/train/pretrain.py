@@ -11,8 +11,8 @@ from wartok_cli.evaluate.reconstruction import evaluate_tokenizer
 from wartok_cli.export import save_model
 from wartok_cli.models import build_tokenizer
 from wartok_cli.recipe import Recipe
-from wartok_cli.train.common import eval_batches, reconstruction_loss, save_grid, train_batches
-from wartok_cli.train.loop import EMA, Run, Trainer, clip_and_step, make_optimizer, start_run, warmup_cosine, write_atomic
+from wartok_cli.train.common import eval_batches, preview_batch, reconstruction_loss, save_grid, train_batches
+from wartok_cli.train.loop import EMA, Run, Trainer, check_in_sync, clip_and_step, make_optimizer, start_run, warmup_cosine, write_atomic
 
 log = logging.getLogger("wartok")
 
@@ -20,8 +20,8 @@ RUN_NAME = "tokenizer"
 
 
 def tokenizer_config(recipe: Recipe) -> dict:
-    """Return the tokenizer's architecture config from the recipe."""
-    config = recipe.tokenizer.model_dump()
+    """Return the tokenizer's architecture config from the recipe: the chosen family's arguments only."""
+    config = recipe.tokenizer.model_options()
     config.update(resolution=recipe.data.resolution, channels=recipe.data.channels)
     return config
 
@@ -57,7 +57,7 @@ def pretrain_tokenizer(recipe: Recipe) -> dict:
     tokenizer, optimizer = accelerator.prepare(tokenizer, optimizer)
     ema = EMA(accelerator.unwrap_model(tokenizer), run.settings.ema_decay)
     trainer = Trainer(run, [(tokenizer, ema)], [scheduler])
-    preview_images = next(iter(eval_batches(run, batch_size=8)))["images"].to(run.device)
+    preview_images = preview_batch(run)
 
     def step(step_index: int, batch: dict) -> dict[str, float]:
         images = batch["images"]
@@ -72,4 +72,5 @@ def pretrain_tokenizer(recipe: Recipe) -> dict:
             preview_tokenizer(run, ema.model, preview_images, done)
 
     trainer.fit(step, train_batches(run), after_step)
+    check_in_sync(accelerator, tokenizer, run.name)
     return finish_tokenizer_run(run, ema)

@@ -21,6 +21,7 @@ from wartok_cli.recipe import Recipe
 from wartok_cli.train.loop import (
     EMA,
     Trainer,
+    check_in_sync,
     clip_and_step,
     derived_seed,
     make_optimizer,
@@ -115,6 +116,7 @@ def train_prior(recipe: Recipe) -> dict:
         return metrics
 
     trainer.fit(step, batches_from)
+    check_in_sync(accelerator, prior, run.name)
     with accelerator.autocast():
         result = {
             "train": prior_metrics(ema.model, train_tokens, train_labels, run.device, max_batches=settings.eval_batches),

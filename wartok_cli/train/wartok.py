@@ -17,8 +17,8 @@ from wartok_cli.errors import WartokError
 from wartok_cli.evaluate.reconstruction import codebook_stats
 from wartok_cli.export import load_prior, load_tokenizer
 from wartok_cli.recipe import Recipe
-from wartok_cli.train.common import eval_batches, reconstruction_loss, train_batches
-from wartok_cli.train.loop import EMA, Trainer, clip_and_step, make_optimizer, start_run, warmup_cosine
+from wartok_cli.train.common import preview_batch, reconstruction_loss, train_batches
+from wartok_cli.train.loop import EMA, Trainer, check_in_sync, clip_and_step, make_optimizer, start_run, warmup_cosine
 from wartok_cli.train.pretrain import finish_tokenizer_run, preview_tokenizer
 
 log = logging.getLogger("wartok")
@@ -50,7 +50,7 @@ def train_wartok(recipe: Recipe) -> dict:
     tokenizer, optimizer, aux, aux_optimizer = accelerator.prepare(tokenizer, optimizer, aux, aux_optimizer)
     ema = EMA(accelerator.unwrap_model(tokenizer), settings.ema_decay)
     trainer = Trainer(run, [(tokenizer, ema)], [scheduler])
-    preview_images = next(iter(eval_batches(run, batch_size=8)))["images"].to(run.device)
+    preview_images = preview_batch(run)
     window = torch.zeros(recipe.tokenizer.codebook_size, dtype=torch.float64)  # decayed index counts
 
     def step(step_index: int, batch: dict) -> dict[str, float]:
@@ -84,5 +84,6 @@ def train_wartok(recipe: Recipe) -> dict:
             preview_tokenizer(run, ema.model, preview_images, done)
 
     trainer.fit(step, train_batches(run), after_step)
+    check_in_sync(accelerator, tokenizer, run.name)
     return finish_tokenizer_run(run, ema)
 
