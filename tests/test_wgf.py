@@ -229,3 +229,20 @@ def test_ramped_weight_schedule(step, expected):
 
 def test_ramped_weight_no_ramp():
     assert wgf.ramped_weight(3, weight=2.0, start=3, ramp=0) == 2.0
+
+
+def test_ema_update_half_life():
+    target, source = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    torch.nn.init.zeros_(target.weight)
+    torch.nn.init.ones_(source.weight)
+    for _ in range(10):
+        wgf.ema_update(target, source, half_life=10)
+    # After one half-life the target has covered half the distance to a fixed source.
+    assert torch.allclose(target.weight, torch.full((2, 2), 0.5), atol=1e-6)
+
+
+def test_ema_update_keeps_source():
+    target, source = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = source.weight.detach().clone()
+    wgf.ema_update(target, source, half_life=5)
+    assert torch.equal(source.weight, before)

@@ -182,11 +182,30 @@ class WartokConfig(TrainConfig):
     """Settings of train-wartok: the prior-matching signal and its training."""
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate of the tokenizer.")
-    init_tokenizer: str = Field(
-        "tokenizer", description="Run (name under output_dir, or path) of the pretrained tokenizer to start from."
+    init_tokenizer: Optional[str] = Field(
+        "tokenizer",
+        description="Run (name under output_dir, or path) of the pretrained tokenizer to start from; null trains "
+        "from scratch (then set weight_start for a reconstruction-only warm-up, and a target other than 'frozen').",
     )
-    target_prior: str = Field(
-        "prior", description="Run (name under output_dir, or path) of the target AR prior, kept fixed."
+    target_prior: Optional[str] = Field(
+        "prior",
+        description="Run (name under output_dir, or path) of the AR prior that initialises the target; null starts "
+        "the target from random weights (only with target 'ema' or 'online').",
+    )
+    target: Literal["frozen", "ema", "online"] = Field(
+        "frozen",
+        description="How p_target evolves: 'frozen' (fixed), 'ema' (a moving average of q_aux with "
+        "target_half_life) or 'online' (trained on the current tokens with target_lr).",
+    )
+    target_half_life: float = Field(2000.0, gt=0, description="Half-life of the 'ema' target, in steps.")
+    target_lr: float = Field(5e-5, gt=0, description="Learning rate of the 'online' target.")
+    aux_init: Literal["copy", "fresh", "fit"] = Field(
+        "copy",
+        description="Start of q_aux: 'copy' of the target, 'fresh' random weights, or 'fit' (a copy fitted on the "
+        "current tokens for aux_fit_steps steps before the contrast starts).",
+    )
+    aux_fit_steps: int = Field(
+        0, ge=0, description="Steps at the start that only fit q_aux (the tokenizer is not updated); counted in steps."
     )
     weight: float = Field(1.0, ge=0, description="Weight lambda of the prior-matching term L_wgf.")
     weight_start: int = Field(0, ge=0, description="Step at which the term switches on.")
@@ -198,6 +217,20 @@ class WartokConfig(TrainConfig):
     )
     aux_lr: float = Field(5e-4, gt=0, description="Learning rate of the auxiliary prior.")
     aux_steps: int = Field(1, ge=0, description="Auxiliary-prior updates per tokenizer step.")
+
+    @model_validator(mode="after")
+    def _target_needs_source(self) -> "WartokConfig":
+        if self.target == "frozen" and self.target_prior is None:
+            raise ValueError("target 'frozen' needs target_prior: a train-prior run to keep fixed")
+        if self.target == "frozen" and self.init_tokenizer is None:
+            raise ValueError(
+                "target 'frozen' needs init_tokenizer: a frozen prior only matches the tokenizer whose tokens it learned"
+            )
+        if self.aux_init == "fit" and self.aux_fit_steps == 0:
+            raise ValueError("aux_init 'fit' needs aux_fit_steps > 0")
+        if self.aux_fit_steps >= self.steps:
+            raise ValueError(f"aux_fit_steps ({self.aux_fit_steps}) must be smaller than steps ({self.steps})")
+        return self
 
 
 class Recipe(Section):
@@ -340,8 +373,10 @@ def _format_error(source: str, error: ValidationError) -> str:
             lines.append(f"  {dotted}: unknown key.{hint}")
             continue
         message = item["msg"].removeprefix("Value error, ")
-        if location:
+        if location and not isinstance(item.get("input"), dict):
             lines.append(f"  {dotted} = {item.get('input')!r}: {message}")
+        elif location:
+            lines.append(f"  {dotted}: {message}")  # a check across the fields of one section
         else:
             lines.append(f"  {message}")
     return "\n".join(lines)

@@ -89,6 +89,18 @@ def aux_update(
     return loss_value
 
 
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, half_life: float) -> None:
+    """Move the target prior toward the source (q_aux) with the given half-life in steps.
+
+    This is the ``ema`` target: a slowly lagging copy of the auxiliary prior, so the
+    contrast compares the current token distribution with a smoothed past one.
+    """
+    decay = 0.5 ** (1.0 / half_life)
+    for average, current in zip(target.parameters(), source.parameters()):
+        average.lerp_(current.detach().to(average.dtype), 1.0 - decay)
+
+
 def ramped_weight(step: int, weight: float, start: int, ramp: int) -> float:
     """Return lambda at a step: zero before ``start``, then a linear ramp over ``ramp`` steps."""
     if step < start:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 
 import torch
 
@@ -16,47 +17,81 @@ from wartok_cli import wgf
 from wartok_cli.errors import WartokError
 from wartok_cli.evaluate.reconstruction import codebook_stats
 from wartok_cli.export import load_prior, load_tokenizer
+from wartok_cli.models import build_tokenizer
 from wartok_cli.recipe import Recipe
 from wartok_cli.train.common import preview_batch, reconstruction_loss, train_batches
 from wartok_cli.train.loop import EMA, Trainer, check_in_sync, clip_and_step, make_optimizer, start_run, warmup_cosine
-from wartok_cli.train.pretrain import finish_tokenizer_run, preview_tokenizer
+from wartok_cli.train.pretrain import finish_tokenizer_run, preview_tokenizer, tokenizer_config
+from wartok_cli.train.prior import build_prior
 
 log = logging.getLogger("wartok")
 
 RUN_NAME = "wartok"
 
 
-def train_wartok(recipe: Recipe) -> dict:
-    """Fine-tune a pretrained tokenizer with reconstruction + lambda * L_wgf; return its validation metrics."""
+def build_models(recipe: Recipe, device) -> tuple:
+    """Return (tokenizer, target prior, auxiliary prior) as the wartok section asks."""
     settings = recipe.wartok
-    run = start_run(recipe, RUN_NAME, settings)
-    accelerator = run.accelerator
-
-    tokenizer = load_tokenizer(recipe.run_dir(settings.init_tokenizer)).train()
-    target = load_prior(recipe.run_dir(settings.target_prior), run.device).requires_grad_(False)
+    if settings.init_tokenizer is None:
+        tokenizer = build_tokenizer(tokenizer_config(recipe))
+    else:
+        tokenizer = load_tokenizer(recipe.run_dir(settings.init_tokenizer))
+    if settings.target_prior is None:
+        target = build_prior(recipe).to(device)
+    else:
+        target = load_prior(recipe.run_dir(settings.target_prior), device)
     if target.vocab_size != tokenizer.codebook_size or target.seq_len != tokenizer.num_tokens:
         raise WartokError(
             f"The target prior {settings.target_prior} models {target.vocab_size} codes x {target.seq_len} tokens, "
             f"but the tokenizer {settings.init_tokenizer} has {tokenizer.codebook_size} codes x "
             f"{tokenizer.num_tokens} tokens. Train the target prior on this tokenizer's tokens (wartok train-prior)."
         )
-    # The auxiliary prior starts as an exact copy of the target, so the contrast starts at zero
-    # and grows as the tokenizer's tokens drift away from what the target was trained on.
-    aux = copy.deepcopy(target).requires_grad_(True).train()
+    # A copied q_aux makes the contrast start at zero; it grows as the tokenizer's tokens drift
+    # away from what the target learned, or as q_aux is fitted on the current tokens.
+    aux = build_prior(recipe) if settings.aux_init == "fresh" else copy.deepcopy(target)
+    target.requires_grad_(settings.target == "online").train(settings.target == "online")
+    return tokenizer.train(), target, aux.requires_grad_(True).train()
+
+
+def train_wartok(recipe: Recipe) -> dict:
+    """Train the tokenizer with reconstruction + lambda * L_wgf; return its validation metrics."""
+    settings = recipe.wartok
+    run = start_run(recipe, RUN_NAME, settings)
+    accelerator = run.accelerator
+    tokenizer, target, aux = build_models(recipe, run.device)
 
     optimizer = make_optimizer(tokenizer.parameters(), settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings))
     aux_optimizer = make_optimizer(aux.parameters(), settings, lr=settings.aux_lr)
     tokenizer, optimizer, aux, aux_optimizer = accelerator.prepare(tokenizer, optimizer, aux, aux_optimizer)
+    target_optimizer = None
+    if settings.target == "online":
+        target_optimizer = make_optimizer(target.parameters(), settings, lr=settings.target_lr)
+        target, target_optimizer = accelerator.prepare(target, target_optimizer)
+    elif settings.target == "ema":
+        accelerator.register_for_checkpointing(target)  # it changes, so a resumed run needs it
     ema = EMA(accelerator.unwrap_model(tokenizer), settings.ema_decay)
     trainer = Trainer(run, [(tokenizer, ema)], [scheduler])
     preview_images = preview_batch(run)
     window = torch.zeros(recipe.tokenizer.codebook_size, dtype=torch.float64)  # decayed index counts
 
+    def update_priors(indices: torch.Tensor, labels: torch.Tensor) -> float:
+        """Refit q_aux on the current tokens, then move the target as its mode says; return q_aux's loss."""
+        with accelerator.autocast():
+            aux_ce = wgf.aux_update(aux, aux_optimizer, indices, labels, settings.aux_steps, accelerator.backward)
+            if settings.target == "online":
+                wgf.aux_update(target, target_optimizer, indices, labels, 1, accelerator.backward)
+        if settings.target == "ema":
+            wgf.ema_update(target, accelerator.unwrap_model(aux), settings.target_half_life)
+        return aux_ce
+
     def step(step_index: int, batch: dict) -> dict[str, float]:
         images, labels = batch["images"], batch["labels"]
-        weight = wgf.ramped_weight(step_index, settings.weight, settings.weight_start, settings.weight_ramp)
-        with accelerator.autocast():
+        # During the first aux_fit_steps steps only q_aux learns: the tokenizer runs without gradients.
+        fitting = step_index < settings.aux_fit_steps
+        weight = 0.0 if fitting else wgf.ramped_weight(step_index, settings.weight, settings.weight_start,
+                                                        settings.weight_ramp)
+        with torch.set_grad_enabled(not fitting), accelerator.autocast():
             output = tokenizer(images, temperature=settings.temperature)
             recon, parts = reconstruction_loss(output, images, recipe.reconstruction)
             indices = output.quant.indices
@@ -65,18 +100,26 @@ def train_wartok(recipe: Recipe) -> dict:
             contrast = wgf.contrast(aux_log_probs, target_log_probs, settings.contrast)
             prior_loss = wgf.wgf_loss(contrast, output.quant.soft_assignment, indices)
         loss = recon + weight * prior_loss
-        clip_and_step(run, loss, tokenizer, optimizer, scheduler)
+        if fitting:
+            # Keep the tokenizer's schedule aligned with the step count. torch warns that no optimizer
+            # step came first, which is intended here.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                scheduler.step()
+        else:
+            clip_and_step(run, loss, tokenizer, optimizer, scheduler)
 
-        with accelerator.autocast():
-            aux_ce = wgf.aux_update(aux, aux_optimizer, indices, labels, settings.aux_steps, accelerator.backward)
+        aux_ce = update_priors(indices, labels)
         # Cross-entropy of the target on the current tokens: how predictable they are to the prior.
         target_ce = -target_log_probs.gather(-1, indices[..., None]).mean().item()
         hard_contrast = contrast.gather(-1, indices[..., None])
         window.mul_(0.98).add_(torch.bincount(indices.flatten().cpu(), minlength=len(window)).double())
+        recent = codebook_stats(window)
         return {
             "loss": loss.item(), "recon": recon.item(), **parts, "l_wgf": prior_loss.item(), "lambda": weight,
             "contrast_mean": hard_contrast.mean().item(), "contrast_std": hard_contrast.std().item(),
-            "aux_ce": aux_ce, "target_ce": target_ce, "usage_recent": codebook_stats(window)["codebook_usage"],
+            "aux_ce": aux_ce, "target_ce": target_ce, "usage_recent": recent["codebook_usage"],
+            "perplexity_recent": recent["perplexity"],
         }
 
     def after_step(done: int) -> None:
