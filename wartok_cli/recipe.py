@@ -182,6 +182,9 @@ class WartokConfig(TrainConfig):
     """Settings of train-wartok: the prior-matching signal and its training."""
 
     lr: float = Field(1e-4, gt=0, description="Peak learning rate of the tokenizer.")
+    run_name: str = Field(
+        "wartok", description="Run folder name under output_dir; sweeps give each setting its own."
+    )
     init_tokenizer: Optional[str] = Field(
         "tokenizer",
         description="Run (name under output_dir, or path) of the pretrained tokenizer to start from; null trains "

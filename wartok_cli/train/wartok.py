@@ -26,8 +26,6 @@ from wartok_cli.train.prior import build_prior
 
 log = logging.getLogger("wartok")
 
-RUN_NAME = "wartok"
-
 
 def build_models(recipe: Recipe, device) -> tuple:
     """Return (tokenizer, target prior, auxiliary prior) as the wartok section asks."""
@@ -56,7 +54,7 @@ def build_models(recipe: Recipe, device) -> tuple:
 def train_wartok(recipe: Recipe) -> dict:
     """Train the tokenizer with reconstruction + lambda * L_wgf; return its validation metrics."""
     settings = recipe.wartok
-    run = start_run(recipe, RUN_NAME, settings)
+    run = start_run(recipe, settings.run_name, settings)
     accelerator = run.accelerator
     tokenizer, target, aux = build_models(recipe, run.device)
 
