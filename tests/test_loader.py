@@ -11,9 +11,9 @@ from io import BytesIO
 import numpy as np
 import pytest
 import torch
+from conftest import TRAIN_IMAGES, VAL_IMAGES
 from PIL import Image
 
-from conftest import TRAIN_IMAGES, VAL_IMAGES
 from wartok_cli.data.loader import make_loader, shard_paths
 from wartok_cli.errors import WartokError
 

@@ -10,9 +10,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-import wartok_cli
 from conftest import (
     CODEBOOK_SIZE,
     LOG_EVERY,
@@ -25,6 +22,9 @@ from conftest import (
     describe,
     invoke,
 )
+from safetensors.torch import load_file
+
+import wartok_cli
 from wartok_cli.data.loader import make_loader
 from wartok_cli.recipe import load_recipe
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import describe, invoke, tiny_recipe
 
 USER_ERROR = 2

@@ -15,6 +15,7 @@ MODES = {
     "ema-fit": ["wartok.target=ema", "wartok.target_half_life=5", "wartok.aux_init=fit", "wartok.aux_fit_steps=3"],
     "online-fresh": ["wartok.target=online", "wartok.aux_init=fresh"],
     "target-only": ["wartok.contrast=target_only", "wartok.weight=0.1"],
+    "encoder-only": ["wartok.codebook_gradient=false"],
     "from-scratch": ["wartok.target=online", "wartok.init_tokenizer=null", "wartok.target_prior=null"],
 }
 

@@ -246,3 +246,29 @@ def test_ema_update_keeps_source():
     before = source.weight.detach().clone()
     wgf.ema_update(target, source, half_life=5)
     assert torch.equal(source.weight, before)
+
+
+def test_soft_assignment_matches_quantizer():
+    torch.manual_seed(0)
+    quantizer = CosineQuantizer(16, 4)
+    output = quantizer(torch.randn(2, 5, 4), temperature=0.1)
+    recomputed = wgf.soft_assignment(output.latents, quantizer.codebook, 0.1)
+    assert torch.allclose(recomputed, output.soft_assignment, atol=1e-6)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_codebook_gradient_switch(detach):
+    torch.manual_seed(0)
+    quantizer = CosineQuantizer(16, 4)
+    latents = torch.randn(2, 5, 4, requires_grad=True)
+    output = quantizer(latents, temperature=0.1)
+    codebook = quantizer.codebook.detach() if detach else quantizer.codebook
+    soft = wgf.soft_assignment(output.latents, codebook, 0.1)
+    contrast = torch.randn(2, 5, 16)
+    wgf.wgf_loss(contrast, soft, output.indices).backward()
+    codebook_grad = quantizer.codebook.grad
+    assert latents.grad.abs().sum() > 0
+    if detach:
+        assert codebook_grad is None
+    else:
+        assert codebook_grad.abs().sum() > 0

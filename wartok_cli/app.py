@@ -79,11 +79,17 @@ def prepare(
     recipe: Path = RecipeArgument,
     overrides: List[str] = SetOption,
     overwrite: bool = typer.Option(False, "--overwrite", help="Write the shards again even if they are complete."),
+    download: bool = typer.Option(
+        False,
+        "--download",
+        help="data.source 'cifar10' only: fetch cifar-10-python.tar.gz from its official address into data.path "
+        "or the user cache when it is missing, and check the md5 of the file.",
+    ),
 ) -> None:
     """Turn the recipe's image source into WebDataset shards and a manifest."""
     from wartok_cli.data.prepare import prepare as run_prepare
 
-    run_prepare(_load(recipe, overrides), overwrite=overwrite)
+    run_prepare(_load(recipe, overrides), overwrite=overwrite, download=download)
 
 
 @app.command("pretrain-tokenizer")
@@ -143,17 +149,19 @@ def _not_implemented(name: str) -> None:
 @app.command()
 @user_errors
 def sample(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
-    """Sample images from a trained prior and tokenizer (not implemented yet)."""
-    _load(recipe, overrides)
-    _not_implemented("sample")
+    """Draw images from a trained prior, decoded by its tokenizer, into <output_dir>/samples/."""
+    from wartok_cli.sample import sample as run_stage
+
+    run_stage(_load(recipe, overrides))
 
 
 @app.command()
 @user_errors
 def evaluate(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
-    """Compute rFID, gFID, reconstruction metrics and gLoss (not implemented yet)."""
-    _load(recipe, overrides)
-    _not_implemented("evaluate")
+    """Compute the recipe's evaluate.metrics (reconstruction, rFID, gFID, KID, IS, gLoss) into report.json."""
+    from wartok_cli.evaluate.stage import evaluate as run_stage
+
+    run_stage(_load(recipe, overrides))
 
 
 @app.command()

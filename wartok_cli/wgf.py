@@ -48,6 +48,17 @@ def contrast(aux_log_probs: torch.Tensor | None, target_log_probs: torch.Tensor,
     return (aux_log_probs - target_log_probs).detach()
 
 
+def soft_assignment(latents: torch.Tensor, codebook: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Return pi = softmax(cosine similarity / temperature) of latents (batch, length, dim) over the codes.
+
+    The quantizer returns the same pi; this form lets a caller pass a detached codebook, so
+    that L_wgf moves only the encoder and leaves the codes to the reconstruction objective.
+    """
+    with torch.autocast(device_type=latents.device.type, enabled=False):
+        similarity = F.normalize(latents.float(), dim=-1) @ F.normalize(codebook.float(), dim=-1).t()
+        return torch.softmax(similarity / temperature, dim=-1)
+
+
 def straight_through_assignment(soft_assignment: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Return pi_ste: the one-hot of the hard indices forward, the soft assignment's gradient backward."""
     hard = F.one_hot(indices, soft_assignment.shape[-1]).to(soft_assignment.dtype)

@@ -30,9 +30,9 @@ import warnings
 from functools import lru_cache
 from pathlib import Path
 
-import platformdirs
 import torch
 
+from wartok_cli.cache import cache_root
 from wartok_cli.errors import WartokError
 
 log = logging.getLogger("wartok")
@@ -64,8 +64,7 @@ INSTALL_HINT = (
 
 def cache_dir() -> Path:
     """Return the folder of the converted weights: ``$WARTOK_CACHE_DIR/fid`` or the user cache."""
-    root = os.environ.get("WARTOK_CACHE_DIR") or platformdirs.user_cache_dir("wartok")
-    return Path(root) / "fid"
+    return cache_root() / "fid"
 
 
 def standard_weights_path(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -10,7 +10,6 @@ back to the encoder).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,8 @@ class QuantizerOutput:
     loss: torch.Tensor  # codebook loss + beta * commitment loss
     codebook_loss: torch.Tensor
     commitment_loss: torch.Tensor
-    soft_assignment: Optional[torch.Tensor] = None  # (batch, length, codebook_size), rows sum to one
+    soft_assignment: torch.Tensor | None = None  # (batch, length, codebook_size), rows sum to one
+    latents: torch.Tensor | None = None  # (batch, length, code_dim), L2-normalised encoder outputs, fp32
 
 
 class CosineQuantizer(nn.Module):
@@ -39,7 +39,7 @@ class CosineQuantizer(nn.Module):
         self.commitment_beta = commitment_beta
         self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim))
 
-    def forward(self, latents: torch.Tensor, temperature: Optional[float] = None) -> QuantizerOutput:
+    def forward(self, latents: torch.Tensor, temperature: float | None = None) -> QuantizerOutput:
         """Quantize latents (batch, length, code_dim); add the soft assignment when a temperature is given."""
         # Distances and the argmax run in fp32 even under autocast: in bf16 near-ties between
         # codes would flip the hard index from one precision to the other.
@@ -61,8 +61,21 @@ class CosineQuantizer(nn.Module):
                 soft = torch.softmax(similarity / temperature, dim=-1)
 
         straight_through = latents + (quantized - latents).detach()
-        return QuantizerOutput(straight_through, indices, loss, codebook_loss, commitment_loss, soft)
+        return QuantizerOutput(straight_through, indices, loss, codebook_loss, commitment_loss, soft, latents)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Return the normalised codes of the given indices, (..., code_dim)."""
         return F.normalize(self.codebook.float(), dim=-1)[indices]
+
+    @torch.no_grad()
+    def restart_codes(self, codes: torch.Tensor, replacements: torch.Tensor) -> None:
+        """Overwrite the codebook rows ``codes`` (int64, (count,)) with ``replacements`` (count, code_dim).
+
+        The caller picks the replacements, normally encoder outputs, and must pass the same
+        values on every process so that data-parallel replicas keep one codebook.
+        """
+        if replacements.shape != (len(codes), self.code_dim):
+            raise ValueError(
+                f"Expected replacements of shape ({len(codes)}, {self.code_dim}), got {tuple(replacements.shape)}."
+            )
+        self.codebook[codes] = F.normalize(replacements.float(), dim=-1).to(self.codebook.dtype)

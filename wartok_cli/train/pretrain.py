@@ -1,4 +1,9 @@
-"""Stage 1 of the baseline: train the tokenizer for reconstruction only."""
+"""Stage 1 of the baseline: train the tokenizer for reconstruction only.
+
+The objective is ``TokenizerObjective``: pixel, perceptual and VQ losses, and
+optionally a PatchGAN discriminator and dead-code restarts, as the recipe's
+reconstruction section sets them.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,18 @@ from wartok_cli.evaluate.reconstruction import evaluate_tokenizer
 from wartok_cli.export import save_model
 from wartok_cli.models import build_tokenizer
 from wartok_cli.recipe import Recipe
-from wartok_cli.train.common import eval_batches, preview_batch, reconstruction_loss, save_grid, train_batches
-from wartok_cli.train.loop import EMA, Run, Trainer, check_in_sync, clip_and_step, make_optimizer, start_run, warmup_cosine, write_atomic
+from wartok_cli.train.common import TokenizerObjective, eval_batches, preview_batch, save_grid, train_batches
+from wartok_cli.train.loop import (
+    EMA,
+    Run,
+    Trainer,
+    check_in_sync,
+    clip_and_step,
+    make_optimizer,
+    start_run,
+    warmup_cosine,
+    write_atomic,
+)
 
 log = logging.getLogger("wartok")
 
@@ -26,14 +41,22 @@ def tokenizer_config(recipe: Recipe) -> dict:
     return config
 
 
-def finish_tokenizer_run(run: Run, ema: EMA) -> dict:
-    """Evaluate the EMA tokenizer on the validation split, export it, and write metrics.json."""
+def finish_tokenizer_run(run: Run, ema: EMA, objective: TokenizerObjective | None = None) -> dict:
+    """Evaluate the EMA tokenizer on the validation split, export it (and the discriminator), write metrics.json."""
+    if objective is not None:
+        objective.finish()
     metrics = evaluate_tokenizer(ema.model, eval_batches(run), run.accelerator)
     if run.accelerator.is_main_process:
         save_model(run.final_dir, "tokenizer", ema.model)
         write_atomic(run.dir / "metrics.json", json.dumps({"validation": metrics}, indent=2))
-    log.info("%s validation: PSNR %.2f dB, MSE %.5f, codebook usage %.1f%%, perplexity %.1f", run.name,
-             metrics["psnr"], metrics["mse"], 100 * metrics["codebook_usage"], metrics["perplexity"])
+    log.info(
+        "%s validation: PSNR %.2f dB, MSE %.5f, codebook usage %.1f%%, perplexity %.1f",
+        run.name,
+        metrics["psnr"],
+        metrics["mse"],
+        100 * metrics["codebook_usage"],
+        metrics["perplexity"],
+    )
     run.accelerator.wait_for_everyone()
     return metrics
 
@@ -56,6 +79,7 @@ def pretrain_tokenizer(recipe: Recipe) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(run.settings))
     tokenizer, optimizer = accelerator.prepare(tokenizer, optimizer)
     ema = EMA(accelerator.unwrap_model(tokenizer), run.settings.ema_decay)
+    objective = TokenizerObjective(run, tokenizer, optimizer, ema)
     trainer = Trainer(run, [(tokenizer, ema)], [scheduler])
     preview_images = preview_batch(run)
 
@@ -63,8 +87,9 @@ def pretrain_tokenizer(recipe: Recipe) -> dict:
         images = batch["images"]
         with accelerator.autocast():
             output = tokenizer(images)
-            loss, parts = reconstruction_loss(output, images, recipe.reconstruction)
+            loss, parts = objective.generator_loss(step_index, output, images)
         clip_and_step(run, loss, tokenizer, optimizer, scheduler)
+        parts.update(objective.after_step(step_index, images, output))
         return {"loss": loss.item(), **parts}
 
     def after_step(done: int) -> None:
@@ -73,4 +98,4 @@ def pretrain_tokenizer(recipe: Recipe) -> dict:
 
     trainer.fit(step, train_batches(run), after_step)
     check_in_sync(accelerator, tokenizer, run.name)
-    return finish_tokenizer_run(run, ema)
+    return finish_tokenizer_run(run, ema, objective)

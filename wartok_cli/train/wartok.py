@@ -19,7 +19,7 @@ from wartok_cli.evaluate.reconstruction import codebook_stats
 from wartok_cli.export import load_prior, load_tokenizer
 from wartok_cli.models import build_tokenizer
 from wartok_cli.recipe import Recipe
-from wartok_cli.train.common import preview_batch, reconstruction_loss, train_batches
+from wartok_cli.train.common import TokenizerObjective, preview_batch, train_batches
 from wartok_cli.train.loop import EMA, Trainer, check_in_sync, clip_and_step, make_optimizer, start_run, warmup_cosine
 from wartok_cli.train.pretrain import finish_tokenizer_run, preview_tokenizer, tokenizer_config
 from wartok_cli.train.prior import build_prior
@@ -69,6 +69,9 @@ def train_wartok(recipe: Recipe) -> dict:
     elif settings.target == "ema":
         accelerator.register_for_checkpointing(target)  # it changes, so a resumed run needs it
     ema = EMA(accelerator.unwrap_model(tokenizer), settings.ema_decay)
+    # The same objective as pretraining; a discriminator exported by the initial tokenizer's run is reused.
+    init_dir = None if settings.init_tokenizer is None else recipe.run_dir(settings.init_tokenizer)
+    objective = TokenizerObjective(run, tokenizer, optimizer, ema, init_dir)
     trainer = Trainer(run, [(tokenizer, ema)], [scheduler])
     preview_images = preview_batch(run)
     window = torch.zeros(recipe.tokenizer.codebook_size, dtype=torch.float64)  # decayed index counts
@@ -91,21 +94,26 @@ def train_wartok(recipe: Recipe) -> dict:
                                                         settings.weight_ramp)
         with torch.set_grad_enabled(not fitting), accelerator.autocast():
             output = tokenizer(images, temperature=settings.temperature)
-            recon, parts = reconstruction_loss(output, images, recipe.reconstruction)
+            recon, parts = objective.generator_loss(step_index, output, images)
             indices = output.quant.indices
             target_log_probs = wgf.log_probs(target, indices, labels)
             aux_log_probs = wgf.log_probs(aux, indices, labels) if settings.contrast == "full" else None
             contrast = wgf.contrast(aux_log_probs, target_log_probs, settings.contrast)
-            prior_loss = wgf.wgf_loss(contrast, output.quant.soft_assignment, indices)
+            soft = output.quant.soft_assignment
+            if not settings.codebook_gradient:
+                codebook = accelerator.unwrap_model(tokenizer).quantizer.codebook.detach()
+                soft = wgf.soft_assignment(output.quant.latents, codebook, settings.temperature)
+            prior_loss = wgf.wgf_loss(contrast, soft, indices)
         loss = recon + weight * prior_loss
-        if fitting:
+        if fitting and run.status.last_micro_batch:
             # Keep the tokenizer's schedule aligned with the step count. torch warns that no optimizer
             # step came first, which is intended here.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()
-        else:
+        elif not fitting:
             clip_and_step(run, loss, tokenizer, optimizer, scheduler)
+        parts.update(objective.after_step(step_index, images, output, tokenizer_updated=not fitting))
 
         aux_ce = update_priors(indices, labels)
         # Cross-entropy of the target on the current tokens: how predictable they are to the prior.
@@ -126,5 +134,5 @@ def train_wartok(recipe: Recipe) -> dict:
 
     trainer.fit(step, train_batches(run), after_step)
     check_in_sync(accelerator, tokenizer, run.name)
-    return finish_tokenizer_run(run, ema)
+    return finish_tokenizer_run(run, ema, objective)
 
