@@ -63,6 +63,8 @@ def prepare(recipe: Recipe, overwrite: bool = False, download: bool = False) -> 
         manifest = write_dataset(recipe, source, on_image=lambda: bar.advance(task))
     _log_skipped(manifest["skipped"])
     splits = manifest["splits"]
-    counts = ", ".join(f"{name} {entry['count']} in {len(entry['shards'])} shards" for name, entry in splits.items())
-    log.info("wrote %s (%s images) and %s", target, counts, MANIFEST)
+    counts = ", ".join(
+        f"{name} {entry['count']} images in {len(entry['shards'])} shards" for name, entry in splits.items()
+    )
+    log.info("wrote %s (%s) and %s", target, counts, MANIFEST)
     return target

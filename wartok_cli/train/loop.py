@@ -599,9 +599,11 @@ class Trainer:
             bar.update(task, completed=done, rate=rate)
             return
         summary = "  ".join(f"{key} {value:.4g}" for key, value in metrics.items())
-        bar.update(task, completed=done, rate=rate, metrics=summary)
+        # The bar keeps the first three metrics so that it fits a terminal line; the log line has them all.
+        short = "  ".join(f"{key} {value:.4g}" for key, value in list(metrics.items())[:3])
+        bar.update(task, completed=done, rate=rate, metrics=short)
         accelerator = self.run.accelerator
-        if not self.show_bar and accelerator.is_main_process:
+        if accelerator.is_main_process:
             eta = (settings.steps - done) / max(rate, 1e-9)
             log.info("%s step %d/%d  %s  %.2f step/s  ETA %s", self.run.name, done, settings.steps, summary, rate,
                      time.strftime("%H:%M:%S", time.gmtime(eta)))  # fmt: skip
