@@ -18,6 +18,7 @@ from rich.markup import escape
 from wartok_cli import __version__
 from wartok_cli.errors import WartokError
 from wartok_cli.logs import setup_logging
+from wartok_cli.pipeline import Stage
 from wartok_cli.recipe import Recipe, load_recipe
 
 app = typer.Typer(
@@ -142,10 +143,6 @@ def recipe_schema() -> None:
     typer.echo(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
-def _not_implemented(name: str) -> None:
-    raise WartokError(f"`wartok {name}` is not implemented yet in wartok {__version__}.")
-
-
 @app.command()
 @user_errors
 def sample(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
@@ -167,11 +164,21 @@ def evaluate(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) ->
 @app.command()
 @user_errors
 def pipeline(
-    recipe: Optional[Path] = typer.Argument(None, help="Path of the YAML recipe.", show_default=False),
+    recipe: Optional[Path] = typer.Argument(
+        None, help="Path of the YAML recipe; without it, the quickstart recipe shipped with wartok.", show_default=False
+    ),
     overrides: List[str] = SetOption,
+    first: Optional[Stage] = typer.Option(None, "--from", help="First stage to run.", show_default=False),
+    last: Optional[Stage] = typer.Option(None, "--until", help="Last stage to run.", show_default=False),
 ) -> None:
-    """Run every stage in order (not implemented yet; recipes/quickstart.sh chains them)."""
-    _not_implemented("pipeline")
+    """Run every stage in order, skipping stages whose outputs are complete and resuming interrupted ones.
+
+    With pipeline.baseline, the lambda = 0 baseline runs too and the two are compared in a table.
+    On several GPUs: accelerate launch -m wartok_cli pipeline RECIPE.
+    """
+    from wartok_cli.pipeline import bundled_recipe, run_pipeline
+
+    run_pipeline(_load(recipe if recipe is not None else bundled_recipe(), overrides), first, last)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -592,6 +592,23 @@ class SampleConfig(Section):
         return self
 
 
+class PipelineConfig(Section):
+    """Settings of `wartok pipeline`, which runs every stage in order."""
+
+    baseline: bool = Field(
+        False,
+        description="Also run the lambda = 0 baseline chain: train-wartok with wartok.weight 0 and the same steps "
+        "into baseline_run_name, its final prior, samples and evaluation. The pipeline then prints the baseline "
+        "and wAR-Tok side by side and writes the table to <output_dir>/comparison.json and comparison.md.",
+    )
+    baseline_run_name: str = Field(
+        "baseline",
+        min_length=1,
+        description="Run folder name of the baseline tokenizer; its prior is 'prior-<name>' and its report "
+        "'evaluate-<name>'. Must differ from wartok.run_name.",
+    )
+
+
 class Recipe(Section):
     """One experiment: data, models, and the settings of every stage."""
 
@@ -606,6 +623,7 @@ class Recipe(Section):
     wartok: WartokConfig = Field(default_factory=WartokConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Recipe":

@@ -1,0 +1,1 @@
+"""Recipes shipped inside the package; `wartok pipeline` with no recipe runs quickstart.yaml."""
