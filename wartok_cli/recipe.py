@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    """Where the images come from and how they are turned into shards."""
+    """Data section: the image source and how its images become shards."""
 
     source: Literal["bundled", "idx", "folder", "npz", "cifar10"] = Field(
         "bundled",

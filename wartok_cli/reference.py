@@ -22,7 +22,7 @@ COMPLETE_VAR = "_WARTOK_COMPLETE"
 
 
 def completion_script(shell: str) -> str:
-    """Return the completion script of one shell; it asks the installed wartok for candidates."""
+    """Return the completion script of one shell; the script calls the installed wartok for candidates."""
     from typer._completion_shared import get_completion_script
 
     return get_completion_script(prog_name=PROG_NAME, complete_var=COMPLETE_VAR, shell=shell).strip() + "\n"

@@ -51,7 +51,7 @@ def contrast(aux_log_probs: torch.Tensor | None, target_log_probs: torch.Tensor,
 def soft_assignment(latents: torch.Tensor, codebook: torch.Tensor, temperature: float) -> torch.Tensor:
     """Return pi = softmax(cosine similarity / temperature) of latents (batch, length, dim) over the codes.
 
-    The quantizer returns the same pi; this form lets a caller pass a detached codebook, so
+    The quantizer returns the same pi. This form lets a caller pass a detached codebook, so
     that L_wgf moves only the encoder and leaves the codes to the reconstruction objective.
     """
     with torch.autocast(device_type=latents.device.type, enabled=False):

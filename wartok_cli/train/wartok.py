@@ -28,7 +28,7 @@ log = logging.getLogger("wartok")
 
 
 def build_models(recipe: Recipe, device) -> tuple:
-    """Return (tokenizer, target prior, auxiliary prior) as the wartok section asks."""
+    """Build or load the tokenizer, the target prior and the auxiliary prior that the wartok section names."""
     settings = recipe.wartok
     if settings.init_tokenizer is None:
         tokenizer = build_tokenizer(tokenizer_config(recipe))
@@ -44,8 +44,8 @@ def build_models(recipe: Recipe, device) -> tuple:
             f"but the tokenizer {settings.init_tokenizer} has {tokenizer.codebook_size} codes x "
             f"{tokenizer.num_tokens} tokens. Train the target prior on this tokenizer's tokens (wartok train-prior)."
         )
-    # A copied q_aux makes the contrast start at zero; it grows as the tokenizer's tokens drift
-    # away from what the target learned, or as q_aux is fitted on the current tokens.
+    # A copied q_aux makes the contrast start at zero. The contrast grows as the tokenizer's tokens
+    # drift away from what the target learned, or as q_aux is fitted on the current tokens.
     aux = build_prior(recipe) if settings.aux_init == "fresh" else copy.deepcopy(target)
     target.requires_grad_(settings.target == "online").train(settings.target == "online")
     return tokenizer.train(), target, aux.requires_grad_(True).train()
@@ -77,7 +77,7 @@ def train_wartok(recipe: Recipe) -> dict:
     window = torch.zeros(recipe.tokenizer.codebook_size, dtype=torch.float64)  # decayed index counts
 
     def update_priors(indices: torch.Tensor, labels: torch.Tensor) -> float:
-        """Refit q_aux on the current tokens, then move the target as its mode says; return q_aux's loss."""
+        """Refit q_aux on the current tokens, then update the target by its mode; return q_aux's loss."""
         with accelerator.autocast():
             aux_ce = wgf.aux_update(aux, aux_optimizer, indices, labels, settings.aux_steps, accelerator.backward)
             if settings.target == "online":
