@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,3 +136,33 @@ def pipeline(prepared: Workspace) -> Workspace:
         for command in TRAINING_COMMANDS:
             prepared.results[command] = invoke(command, str(prepared.recipe_path))
     return prepared
+
+
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+
+def free_port() -> int:
+    """Return a TCP port on the loopback address that is free at the time of the call."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two(args: list[str], cwd: Path, cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `wartok ARGS` on two CPU processes over gloo, one thread each.
+
+    `--multi_gpu` with ACCELERATE_USE_CPU=1 gives two real ranks; `--cpu --num_processes 2` would start one.
+    """
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", WARTOK_CACHE_DIR=str(cache), OMP_NUM_THREADS="1")
+    for _ in range(3):
+        command = ACCELERATE + [
+            "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+            "-m", "wartok_cli", *args,
+        ]  # fmt: skip
+        result = subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True,
+                                timeout=timeout)  # fmt: skip
+        # The port was free when chosen but another process may bind it before the launch does.
+        if result.returncode == 0 or "address already in use" not in result.stderr.lower():
+            return result
+    return result

@@ -4,34 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
+from conftest import launch_two
 
 from wartok_cli.data.loader import make_loader
-
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_two(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    """Run `wartok ARGS` on two CPU processes; `--multi_gpu` with ACCELERATE_USE_CPU gives real gloo ranks."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", WARTOK_CACHE_DIR=str(cache), OMP_NUM_THREADS="1")
-    command = ACCELERATE + [
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-        "-m", "wartok_cli", *args,
-    ]  # fmt: skip
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import VAL_IMAGES, describe, invoke, tiny_recipe
+from conftest import VAL_IMAGES, describe, free_port, invoke, tiny_recipe
 from numpy.lib.stride_tricks import sliding_window_view
 
 from wartok_cli.data.loader import make_loader
@@ -490,12 +489,6 @@ def test_reconstruction_needs_no_fid_weights(pipeline, tmp_path, monkeypatch):
 
 
 # Two processes --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

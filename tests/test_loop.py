@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate.utils import is_tensorboard_available
-from conftest import tiny_recipe
+from conftest import free_port, tiny_recipe
 from torch import nn
 
 from wartok_cli.errors import WartokError
@@ -407,12 +406,6 @@ def test_bf16_accumulation_run_completes(prepared, tmp_path):
 
 
 # Two real processes -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

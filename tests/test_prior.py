@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +12,7 @@ import pytest
 import torch
 import yaml
 from accelerate import Accelerator
-from conftest import CODEBOOK_SIZE, RESOLUTION, describe, invoke, tiny_recipe
+from conftest import CODEBOOK_SIZE, RESOLUTION, describe, invoke, launch_two, tiny_recipe
 from safetensors.torch import load_file
 
 import wartok_cli
@@ -28,26 +24,8 @@ from wartok_cli.recipe import load_recipe
 from wartok_cli.train.prior import build_prior
 from wartok_cli.train.tokens import cache_path, load_tokens
 
-ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 SEQ_LEN = 12
 NUM_CLASSES = 4
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch_two(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
-    """Run `wartok ARGS` on two CPU processes over gloo, one thread each."""
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", WARTOK_CACHE_DIR=str(cache), OMP_NUM_THREADS="1")
-    command = ACCELERATE + [
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-        "-m", "wartok_cli", *args,
-    ]  # fmt: skip
-    return subprocess.run(command, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

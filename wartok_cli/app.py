@@ -55,13 +55,28 @@ def main(
     setup_logging(verbose=verbose, quiet=quiet)
 
 
+def _close_process_group() -> None:
+    """Wait for every process, then close the process group of a multi-process launch.
+
+    Without this, a rank that finishes first (evaluate leaves the metrics to the main process)
+    exits while gloo threads still run, and the C++ runtime may abort it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def user_errors(function: Callable) -> Callable:
     """Turn a WartokError into a message on stderr and exit status 2."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         try:
-            return function(*args, **kwargs)
+            result = function(*args, **kwargs)
+            _close_process_group()
+            return result
         except WartokError as error:
             # The message quotes user input, so it is escaped: "[...]" in a path is not a style tag.
             stderr.print(f"[bold red]error:[/] {escape(str(error))}", markup=True, highlight=False, soft_wrap=True)
