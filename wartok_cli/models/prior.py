@@ -1,7 +1,7 @@
 """A decoder-only transformer prior over token sequences.
 
-The first input position is a class token (or a single start token when the
-prior is unconditional); position t then predicts token t from the class and
+The first input position is a class token, or a single start token when the
+prior is unconditional. Position t then predicts token t from the class and
 tokens 0..t-1, so one forward pass gives the logits of every position.
 
 Sampling goes one position at a time through ``step`` with a ``KVCache``: the

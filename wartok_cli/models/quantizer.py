@@ -2,7 +2,7 @@
 
 Codes and encoder outputs live on the unit sphere of a low-dimensional space,
 so the nearest code is the one of highest cosine similarity. wAR-Tok needs two
-views of the same assignment: the hard indices (what the prior sees) and the
+views of the same assignment: the hard indices (the tokens the prior models) and the
 soft assignment softmax(similarity / temperature) (the path its gradient takes
 back to the encoder).
 """
@@ -18,7 +18,7 @@ from torch import nn
 
 @dataclass
 class QuantizerOutput:
-    """What one quantizer call returns; token axes are flattened to (batch, length)."""
+    """Output of one quantizer call, with token axes flattened to (batch, length)."""
 
     quantized: torch.Tensor  # (batch, length, code_dim), straight-through to the encoder
     indices: torch.Tensor  # (batch, length), int64
