@@ -166,3 +166,17 @@ def launch_two(args: list[str], cwd: Path, cache: Path, timeout: int = 600) -> s
         if result.returncode == 0 or "address already in use" not in result.stderr.lower():
             return result
     return result
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's in-process training on one thread, as the subprocesses do; restore the count afterwards.
+
+    The machines have 2 shared cores, and several torch threads per process thrash them.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

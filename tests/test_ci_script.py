@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ci_extracts_readme_command(tmp_path):
-    # Run .ci/run on a copy whose README holds a harmless command, and check that it ran.
+    # Run .ci/run on a copy whose README contains a harmless command, and check that it ran.
     (tmp_path / ".ci").mkdir()
     (tmp_path / ".ci" / "run").write_text((ROOT / ".ci" / "run").read_text())
     marker = tmp_path / "ran"

@@ -35,13 +35,7 @@ FEATURES = 4
 SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1")  # 2 shared cores: one thread per process avoids thrashing
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Train in-process tests on one thread, as the subprocesses do; restore the count afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_run(folder: Path, **settings) -> Run:

@@ -31,13 +31,7 @@ STAGE = {"steps": STEPS, "batch_size": 8, "warmup_steps": 2, "log_every": 1, "ch
          "keep_checkpoints": 10, "preview_every": 100}  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Train on one thread, as the other loop tests do; restore the count afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_recipe(folder: Path, shards_dir: Path, num_workers: int = 0) -> Path:

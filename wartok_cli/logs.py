@@ -11,7 +11,11 @@ from rich.logging import RichHandler
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     """Send the 'wartok' logger to stderr: rich on a terminal, plain timestamped lines otherwise."""
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    level = logging.INFO
+    if verbose:
+        level = logging.DEBUG
+    elif quiet:
+        level = logging.WARNING
     logger = logging.getLogger("wartok")
     logger.handlers.clear()
     logger.propagate = False

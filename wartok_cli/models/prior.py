@@ -149,7 +149,7 @@ class ARPrior(nn.Module):
     """Class-conditional (or unconditional) autoregressive transformer over tokens.
 
     ``positions`` selects the position encoding: "learned" adds a learned
-    vector per position to the inputs; "rope" rotates queries and keys by rotary
+    vector per position to the inputs. "rope" rotates queries and keys by rotary
     position embeddings instead, which needs an even head dimension.
     """
 
