@@ -152,6 +152,28 @@ def test_wartok_csv_has_wgf_columns(pipeline):
 
 
 @pytest.mark.parametrize("run", TOKENIZER_RUNS)
+def test_metrics_csv_logs_fixed_batch_psnr(pipeline, run):
+    with open(pipeline.output_dir / run / "logs" / "metrics.csv", newline="") as handle:
+        values = [float(row["val_psnr"]) for row in csv.DictReader(handle)]
+    assert len(values) == STEPS // LOG_EVERY
+    assert all(math.isfinite(value) and value > 0 for value in values), values
+
+
+def test_fixed_batch_psnr_matches_evaluation(pipeline):
+    from accelerate import Accelerator
+
+    from wartok_cli.evaluate.reconstruction import evaluate_tokenizer, fixed_batch_psnr
+    from wartok_cli.export import load_tokenizer
+
+    tokenizer = load_tokenizer(pipeline.output_dir / "wartok")
+    images = first_val_batch(pipeline, batch_size=VAL_IMAGES)
+    accelerator = Accelerator(cpu=True)
+    full = evaluate_tokenizer(tokenizer, [{"images": images}], accelerator)
+    assert full["images"] == VAL_IMAGES
+    assert fixed_batch_psnr(tokenizer, images, accelerator) == pytest.approx(full["psnr"], rel=1e-6)
+
+
+@pytest.mark.parametrize("run", TOKENIZER_RUNS)
 def test_tokenizer_metrics_count_val(pipeline, run):
     metrics = json.loads((pipeline.output_dir / run / "metrics.json").read_text())
     assert metrics["validation"]["images"] == VAL_IMAGES

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import describe, invoke, tiny_recipe
+from conftest import describe, invoke, launch_two, tiny_recipe
 
 from wartok_cli.pipeline import bundled_recipe, comparison_rows
 
@@ -167,6 +167,22 @@ def test_interrupted_stage_resumes(chain):
     assert untouched.stat().st_mtime_ns == before
 
 
+def test_compare_command_rewrites_same_table(chain):
+    path = chain["output_dir"] / "comparison.json"
+    written = json.loads(path.read_text())
+    path.unlink()
+    result = invoke("compare", str(chain["recipe"]))
+    assert result.exit_code == 0, describe(result)
+    assert json.loads(path.read_text()) == written
+    assert "baseline and wAR-Tok after 6 train-wartok steps each" in result.output
+
+
+def test_compare_without_reports_names_file(chain, tmp_path):
+    result = invoke("compare", str(chain["recipe"]), "--set", f"output_dir={tmp_path}")
+    assert result.exit_code == 2, describe(result)
+    assert str(tmp_path / "evaluate-baseline" / "report.json") in result.output.replace("\n", "")
+
+
 def test_from_after_until_rejected(chain):
     result = invoke("pipeline", str(chain["recipe"]), "--from", "sample", "--until", "prepare")
     assert result.exit_code == 2, describe(result)
@@ -211,3 +227,23 @@ def test_comparison_rows_missing_metric():
         "wartok": {"metrics": {"gloss": 2.5}},
     }
     assert [row[0] for row in comparison_rows(comparison)] == ["gLoss (nats/token)"]
+
+
+def test_two_processes_run_and_skip_the_chain(token_cache, tmp_path):
+    recipe_path = tmp_path / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(pipeline_recipe(tmp_path / "runs"), sort_keys=False))
+    first = launch_two(["pipeline", str(recipe_path)], tmp_path, token_cache)
+    assert first.returncode == 0, first.stderr[-3000:]
+    output_dir = tmp_path / "runs"
+    for run in TRAINING_RUNS:
+        assert (output_dir / run / "final").is_dir(), run
+    report = json.loads((output_dir / "evaluate-wartok" / "report.json").read_text())
+    assert report["processes"] == 2
+    assert (output_dir / "comparison.json").is_file()
+    mtimes = final_files(output_dir)
+
+    # Both ranks read the same files after each stage's barrier, so both skip every stage.
+    second = launch_two(["pipeline", str(recipe_path)], tmp_path, token_cache)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert final_files(output_dir) == mtimes
+    assert "pipeline: running" not in second.stdout + second.stderr

@@ -6,6 +6,7 @@ import csv
 import math
 
 import pytest
+import torch
 from conftest import describe, invoke
 
 from wartok_cli.export import load_tokenizer
@@ -17,6 +18,8 @@ MODES = {
     "target-only": ["wartok.contrast=target_only", "wartok.weight=0.1"],
     "encoder-only": ["wartok.codebook_gradient=false"],
     "from-scratch": ["wartok.target=online", "wartok.init_tokenizer=null", "wartok.target_prior=null"],
+    # lambda = 0 ignores the auxiliary prior, its fit steps included.
+    "control": ["wartok.weight=0", "wartok.aux_init=fit", "wartok.aux_fit_steps=3"],
 }
 
 
@@ -70,6 +73,21 @@ def test_copied_aux_contrast_starts_zero(mode_runs):
     first = next(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
     # After 3 steps q_aux has moved a little from its copy of the target, so the contrast is small.
     assert abs(float(first["contrast_mean"])) < 0.5
+
+
+def test_control_runs_no_auxiliary_prior(mode_runs):
+    _, run_dir = mode_runs["control"]
+    header = next(csv.reader(open(run_dir / "logs" / "metrics.csv")))
+    assert {"target_ce", "val_psnr", "usage_recent"} <= set(header), header
+    assert not {"aux_ce", "l_wgf", "contrast_mean"} & set(header), header
+
+
+def test_control_trains_from_the_first_step(pipeline, mode_runs):
+    _, run_dir = mode_runs["control"]
+    start = load_tokenizer(pipeline.output_dir / "tokenizer").state_dict()
+    trained = load_tokenizer(run_dir).state_dict()
+    changed = [name for name in start if not torch.equal(start[name], trained[name])]
+    assert changed, "the lambda = 0 run left every tokenizer weight unchanged"
 
 
 def test_frozen_target_without_prior_rejected(pipeline):

@@ -196,5 +196,18 @@ def pipeline(
     run_pipeline(_load(recipe if recipe is not None else bundled_recipe(), overrides), first, last)
 
 
+@app.command()
+@user_errors
+def compare(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
+    """Print the lambda = 0 baseline and wAR-Tok side by side from their evaluate reports.
+
+    Reads <output_dir>/evaluate-<pipeline.baseline_run_name> and evaluate-<wartok.run_name>, and writes
+    <output_dir>/comparison.json and comparison.md, as `wartok pipeline` does at its end.
+    """
+    from wartok_cli.pipeline import compare_and_report
+
+    compare_and_report(_load(recipe, overrides))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -16,9 +16,9 @@ was interrupted resumes from its newest checkpoint, as when its own command runs
 All stages run in this one process. Accelerate keeps one configuration per process, and the
 stages ask for different mixed precisions, so the pipeline clears that configuration before
 each stage and keeps the process group. Under `accelerate launch -m wartok_cli pipeline`
-every process runs the same chain. The processes take the same skip decisions because they
-read the same files, after a barrier at the end of every stage. prepare runs on the main
-process alone.
+every process runs the same chain. The main process decides which stages are complete and
+sends each decision to the others, so that every process runs the same stages and meets the
+same barriers. prepare runs on the main process alone.
 """
 
 from __future__ import annotations
@@ -333,15 +333,40 @@ def _fresh_accelerator_state() -> None:
     AcceleratorState._reset_state(reset_partial_state=False)
 
 
+def _decided_on_main(state, decide: Callable[[], bool]) -> bool:
+    """Return the main process's result of decide() on every process, or raise its WartokError on all.
+
+    Each process checking the files itself would race with the main process, which may finish a
+    short stage such as prepare before another process looks. A process that skipped a stage that
+    the others ran would then miss that stage's barrier and wait forever in the next one.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    answer: list = [None, None]  # (decision, error message)
+    if state.is_main_process:
+        try:
+            answer[0] = decide()
+        except WartokError as error:
+            answer[1] = str(error)
+    if state.num_processes > 1:
+        broadcast_object_list(answer)
+    if answer[1] is not None:
+        raise WartokError(answer[1])
+    return answer[0]
+
+
 def run_pipeline(recipe: Recipe, first: Stage | None = None, last: Stage | None = None) -> dict | None:
     """Run the selected stages in order, skipping complete ones; return the comparison, if one was made."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
-    state = PartialState()
+    # The Accelerator of each stage reads ACCELERATE_USE_CPU, but PartialState does not: without
+    # cpu=True, `accelerate launch` on CPUs would start independent one-process chains.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     steps = select_steps(plan_steps(recipe), first, last)
     log.info("pipeline: %s", ", ".join(step.label for step in steps))
     for step in steps:
-        if step.complete(step.recipe):
+        if _decided_on_main(state, lambda: step.complete(step.recipe)):
             log.info("pipeline: %s is complete, skipping it", step.label)
             continue
         log.info("pipeline: running %s", step.label)
@@ -353,6 +378,11 @@ def run_pipeline(recipe: Recipe, first: Stage | None = None, last: Stage | None 
     ran_evaluate = any(step.stage == Stage.evaluate for step in steps)
     if not (recipe.pipeline.baseline and ran_evaluate and state.is_main_process):
         return None
+    return compare_and_report(recipe)
+
+
+def compare_and_report(recipe: Recipe) -> dict:
+    """Compare the two chains' reports, print the table and write comparison.json and comparison.md."""
     comparison = compare(recipe)
     write_comparison(recipe.output_dir, comparison)
     Console().print(comparison_table(comparison))
@@ -363,13 +393,25 @@ def run_pipeline(recipe: Recipe, first: Stage | None = None, last: Stage | None 
 
 
 def compare(recipe: Recipe) -> dict:
-    """Collect the compared metrics of the baseline and the wAR-Tok chain from their reports."""
+    """Collect the compared metrics of the baseline and the wAR-Tok chain from their reports.
+
+    The reports are evaluate-<wartok.run_name> and evaluate-<pipeline.baseline_run_name>, as the
+    pipeline names them; pipeline.baseline itself is not needed here.
+    """
     from wartok_cli.evaluate.report import REPORT_FILE
 
-    wartok, baseline = chains(recipe)
+    wartok = Chain(recipe.wartok.run_name, recipe.wartok.weight)
+    baseline = Chain(recipe.pipeline.baseline_run_name, 0.0)
     columns = {}
     for key, chain in (("baseline", baseline), ("wartok", wartok)):
         path = recipe.run_dir(chain.evaluation) / REPORT_FILE
+        if not path.is_file():
+            raise WartokError(
+                f"The comparison needs {path}, the report of the {key} chain, which does not exist. Run "
+                f"`wartok evaluate RECIPE --set evaluate.tokenizer={chain.tokenizer} "
+                f"--set evaluate.run_name={chain.evaluation}` (with evaluate.samples set to that chain's samples), "
+                "or `wartok pipeline RECIPE` with pipeline.baseline: true."
+            )
         report = json.loads(path.read_text())
         metrics = report["metrics"]
         columns[key] = {

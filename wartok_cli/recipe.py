@@ -341,8 +341,11 @@ class TrainConfig(Section):
         description="A step whose loss or gradient norm is not finite on any process is skipped (no update). After "
         "this many skipped steps in a row the run saves a checkpoint and stops with an error.",
     )
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Autocast precision: 'no' (fp32), 'bf16' (CPU and GPU) or 'fp16' (GPU only)."
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "no",
+        description="Autocast precision: 'no' (fp32), 'bf16' (CPU and GPU), 'fp16' (GPU only), or 'auto' (bf16 "
+        "where the GPU or CPU computes it natively, fp32 elsewhere: a CPU without AVX512-BF16 or AMX emulates bf16 "
+        "several times slower than fp32).",
     )
     ema_decay: float = Field(0.999, ge=0, lt=1, description="Decay of the exponential moving average of the weights.")
     ema_half_life: Optional[float] = Field(
@@ -516,8 +519,10 @@ class EvaluateConfig(Section):
     batch_size: int = Field(
         64, ge=1, description="Images per batch and process, for the tokenizer and the Inception network."
     )
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
-        "no", description="Autocast precision of the tokenizer; the Inception network always runs in fp32."
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "no",
+        description="Autocast precision of the tokenizer ('auto' as in the training sections); the Inception "
+        "network always runs in fp32.",
     )
     run_name: str = Field("evaluate", description="Run folder name under output_dir that receives report.json.")
 

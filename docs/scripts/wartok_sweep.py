@@ -1,16 +1,18 @@
 """Sweep wAR-Tok settings against the lambda = 0 control and tabulate gLoss against PSNR.
 
     python docs/scripts/wartok_sweep.py recipes/fashion-mnist/sweep.yaml \
-        --variants frozen ema online target_only --weights 0.3 1 3 --seeds 0 1
+        --variants frozen:1,3,10 ema online target_only:0.1,0.3,1 --weights 1 3 10 --seeds 0 --jobs 2
 
 The chain runs through the wartok CLI, one subprocess per stage, as a user's
 script would: prepare, pretrain-tokenizer and the target prior once; then, per
 seed, the control (train-wartok with lambda = 0 for the same number of steps)
 and every (variant, lambda) pair, each followed by a fresh prior trained with
-the same recipe on that tokenizer's tokens. A finished run is skipped, so an
-interrupted sweep continues where it stopped. The table goes to
-<output_dir>/sweep.md and sweep.csv, and the plot to sweep.png when matplotlib
-is installed.
+the same recipe on that tokenizer's tokens. A variant written as name:w1,w2
+uses its own lambdas instead of --weights. With --jobs N, N settings train at
+once, each with 1/N of the CPU threads; their output goes to <output_dir>/<run>.log.
+A finished run is skipped, so an interrupted sweep continues where it stopped.
+The table of every finished run in the output folder goes to <output_dir>/sweep.md
+and sweep.csv, and the plot to sweep.png when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from wartok_cli.recipe import load_recipe
@@ -28,13 +32,15 @@ from wartok_cli.recipe import load_recipe
 VARIANTS = {
     "frozen": ["wartok.target=frozen"],
     "frozen-fit": ["wartok.target=frozen", "wartok.aux_init=fit", "wartok.aux_fit_steps=100"],
-    "ema": ["wartok.target=ema"],
+    "ema": ["wartok.target=ema"],  # the recipe's wartok.target_half_life applies
     "online": ["wartok.target=online"],
     "target_only": ["wartok.contrast=target_only"],
 }
 
 
-def run_stage(command: str, recipe: str, overrides: list[str], marker: Path) -> float:
+def run_stage(
+    command: str, recipe: str, overrides: list[str], marker: Path, log: Path | None = None, threads: int | None = None
+) -> float:
     """Run one wartok subcommand unless its marker file exists; return the wall time in seconds."""
     if marker.exists():
         return 0.0
@@ -42,8 +48,15 @@ def run_stage(command: str, recipe: str, overrides: list[str], marker: Path) -> 
     for override in overrides:
         arguments += ["--set", override]
     print("+ wartok", command, " ".join(f"--set {item}" for item in overrides), flush=True)
+    environment = dict(os.environ)
+    if threads is not None:
+        environment.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
-    subprocess.run(arguments, check=True)
+    if log is None:
+        subprocess.run(arguments, check=True, env=environment)
+    else:
+        with open(log, "a") as handle:
+            subprocess.run(arguments, check=True, env=environment, stdout=handle, stderr=subprocess.STDOUT)
     return time.perf_counter() - start
 
 
@@ -109,40 +122,69 @@ def plot(rows: list[dict], output_dir: Path) -> None:
     figure.savefig(output_dir / "sweep.png", dpi=120)
 
 
+def parse_variants(specs: list[str], default_weights: list[float]) -> list[tuple[str, float]]:
+    """Return (variant, lambda) pairs from specs such as 'frozen' or 'target_only:0.1,0.3'."""
+    pairs = []
+    for spec in specs:
+        name, _, weights = spec.partition(":")
+        if name not in VARIANTS:
+            raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(sorted(VARIANTS))}")
+        pairs += [(name, weight) for weight in ([float(w) for w in weights.split(",")] if weights else default_weights)]
+    return pairs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
-    parser.add_argument("--variants", nargs="+", default=["frozen", "ema", "online", "target_only"],
-                        choices=sorted(VARIANTS))  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["frozen", "ema", "online", "target_only"],
+        help=f"variants ({', '.join(sorted(VARIANTS))}), each optionally with :lambda1,lambda2",
+    )
     parser.add_argument("--weights", nargs="+", type=float, default=[0.3, 1.0, 3.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--jobs", type=int, default=1, help="settings trained at once")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
     output_dir = recipe.output_dir
     base = list(args.overrides)
+    pairs = parse_variants(args.variants, args.weights)
 
     run_stage("prepare", args.recipe, base, recipe.shards_dir / "manifest.json")
     run_stage("pretrain-tokenizer", args.recipe, base, output_dir / "tokenizer" / "metrics.json")
     run_stage("train-prior", args.recipe, base, output_dir / "prior" / "metrics.json")
 
-    rows = []
-    for seed in args.seeds:
-        settings = [("control", 0.0, [])]
-        settings += [(variant, weight, VARIANTS[variant]) for variant in args.variants for weight in args.weights]
-        for variant, weight, variant_overrides in settings:
-            name = f"{variant}-l{weight:g}-s{seed}"
-            # The shared pretrained tokenizer and target prior are passed by path, so a seed changes
-            # only this run's data order and initialisations.
-            overrides = base + [f"seed={seed}", f"wartok.run_name={name}", f"wartok.weight={weight}",
-                                f"wartok.init_tokenizer={output_dir / 'tokenizer'}",
-                                f"wartok.target_prior={output_dir / 'prior'}", *variant_overrides]  # fmt: skip
-            seconds = run_stage("train-wartok", args.recipe, overrides, output_dir / name / "metrics.json")
-            prior_overrides = base + [f"seed={seed}", f"train_prior.tokenizer={output_dir / name}",
-                                      f"train_prior.run_name=prior-{name}"]  # fmt: skip
-            seconds += run_stage("train-prior", args.recipe, prior_overrides, output_dir / f"prior-{name}" / "metrics.json")
-            rows.append(collect(output_dir, name, variant, weight, seed, seconds))
-            write_table(rows, output_dir)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def run_setting(variant: str, weight: float, seed: int) -> None:
+        name = f"{variant}-l{weight:g}-s{seed}"
+        row_file = output_dir / name / "sweep-row.json"
+        if row_file.exists():
+            return
+        log = output_dir / f"{name}.log"
+        # The shared pretrained tokenizer and target prior are passed by path, so a seed changes
+        # only this run's data order and initialisations.
+        overrides = base + [f"seed={seed}", f"wartok.run_name={name}", f"wartok.weight={weight}",
+                            f"wartok.init_tokenizer={output_dir / 'tokenizer'}",
+                            f"wartok.target_prior={output_dir / 'prior'}", *VARIANTS.get(variant, [])]  # fmt: skip
+        seconds = run_stage("train-wartok", args.recipe, overrides, output_dir / name / "metrics.json", log, threads)
+        prior_overrides = base + [f"seed={seed}", f"train_prior.tokenizer={output_dir / name}",
+                                  f"train_prior.run_name=prior-{name}"]  # fmt: skip
+        marker = output_dir / f"prior-{name}" / "metrics.json"
+        seconds += run_stage("train-prior", args.recipe, prior_overrides, marker, log, threads)
+        row = collect(output_dir, name, variant, weight, seed, seconds)
+        row_file.write_text(json.dumps(row, indent=2))
+        print(f"done {name}: gLoss {row['gloss']:.4f}, PSNR {row['psnr']:.2f} dB, {seconds:.0f} s", flush=True)
+
+    settings = [(variant, weight, seed) for seed in args.seeds for variant, weight in [("control", 0.0), *pairs]]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(run_setting, *setting) for setting in settings]:
+            future.result()
+    rows = [json.loads(path.read_text()) for path in sorted(output_dir.glob("*/sweep-row.json"))]
+    rows.sort(key=lambda row: (row["seed"], row["variant"] != "control", row["variant"], row["lambda"]))
+    write_table(rows, output_dir)
     plot(rows, output_dir)
 
 

@@ -28,6 +28,24 @@ def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
     }
 
 
+def image_mse(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Return the mean squared error of each image, on the [0, 1] scale (inputs are in [-1, 1])."""
+    return ((reconstruction.float().clamp(-1, 1) - images.float()) / 2).pow(2).flatten(1).mean(1)
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    """Return the PSNR in dB of per-image errors on the [0, 1] scale (a peak of 1)."""
+    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+
+
+@torch.no_grad()
+def fixed_batch_psnr(tokenizer: nn.Module, images: torch.Tensor, accelerator: Accelerator) -> float:
+    """Return the mean PSNR of the tokenizer's reconstructions of one batch, for training logs."""
+    with accelerator.autocast():
+        reconstruction = tokenizer(images).reconstruction
+    return psnr(image_mse(reconstruction, images)).mean().item()
+
+
 @torch.no_grad()
 def evaluate_tokenizer(
     tokenizer: nn.Module,
@@ -49,10 +67,9 @@ def evaluate_tokenizer(
         with accelerator.autocast():
             output = tokenizer(images)
         reconstruction = output.reconstruction.float().clamp(-1, 1)
-        # Errors on the [0, 1] scale, so PSNR has a peak of 1.
-        error = ((reconstruction - images) / 2).pow(2).flatten(1).mean(1)
+        error = image_mse(reconstruction, images)
         sums[0] += error.sum()
-        sums[1] += (10 * torch.log10(1.0 / error.clamp(min=1e-10))).sum()
+        sums[1] += psnr(error).sum()
         sums[2] += ssim((reconstruction + 1) / 2, (images + 1) / 2).double().sum()
         sums[3] += len(images)
         counts += torch.bincount(output.quant.indices.flatten(), minlength=tokenizer.codebook_size).double()

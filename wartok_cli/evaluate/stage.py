@@ -49,6 +49,7 @@ from wartok_cli.evaluate.report import inception_protocol, metric_entry, print_r
 from wartok_cli.evaluate.samples import SampleSet, load_samples
 from wartok_cli.evaluate.ssim import WINDOW_SIZE, window_size_for
 from wartok_cli.export import load_prior, load_tokenizer, weights_hash
+from wartok_cli.precision import accelerator_device, resolve_mixed_precision
 from wartok_cli.recipe import EvaluateConfig, Recipe
 from wartok_cli.train.loop import write_atomic
 from wartok_cli.train.prior import prior_metrics
@@ -114,7 +115,8 @@ def evaluate(recipe: Recipe) -> dict | None:
     """
     plan = make_plan(recipe)
     settings = plan.settings
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision)
+    precision = resolve_mixed_precision(settings.mixed_precision, accelerator_device(), "evaluate.mixed_precision")
+    accelerator = Accelerator(mixed_precision=precision)
     if not accelerator.is_main_process:
         log.setLevel(max(log.level, logging.WARNING))  # one copy of each info line, from the main process
     run_dir = recipe.run_dir(settings.run_name)
@@ -201,7 +203,8 @@ def make_plan(recipe: Recipe) -> Plan:
     plan = Plan(recipe=recipe, metrics=frozenset(settings.metrics))
     if settings.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise WartokError(
-            "evaluate.mixed_precision 'fp16' needs a GPU; on the CPU it would silently run in fp32. Use 'bf16' or 'no'."
+            "evaluate.mixed_precision 'fp16' needs a GPU; on the CPU it would silently run in fp32. Use 'auto', "
+            "'bf16' or 'no'."
         )
 
     if plan.metrics & INCEPTION_METRICS:

@@ -22,6 +22,7 @@ from torch import nn
 
 from wartok_cli.data.loader import make_loader
 from wartok_cli.errors import WartokError
+from wartok_cli.evaluate.reconstruction import fixed_batch_psnr
 from wartok_cli.models import TokenizerOutput
 from wartok_cli.models.lpips import LPIPS, lpips_state_dict
 from wartok_cli.recipe import ReconstructionConfig
@@ -152,6 +153,14 @@ def preview_batch(run: Run, count: int = 8) -> torch.Tensor:
     recipe = run.recipe
     loader = make_loader(recipe.shards_dir, "val", batch_size=count, channels=recipe.data.channels, train=False)
     return next(iter(loader))["images"].to(run.device)
+
+
+def fixed_batch_metrics(run: Run, tokenizer: nn.Module, images: torch.Tensor, step_index: int) -> dict[str, float]:
+    """On the stage's log steps, return the tokenizer's PSNR on a fixed validation batch; else nothing."""
+    done, settings = step_index + 1, run.settings
+    if done % settings.log_every and done != settings.steps:
+        return {}
+    return {"val_psnr": fixed_batch_psnr(tokenizer, images, run.accelerator)}
 
 
 def save_grid(path: Path, *rows: torch.Tensor, columns: int = 8) -> None:

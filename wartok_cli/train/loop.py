@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from wartok_cli.errors import WartokError
+from wartok_cli.precision import accelerator_device, resolve_mixed_precision
 from wartok_cli.recipe import Recipe, TrainConfig
 
 log = logging.getLogger("wartok")
@@ -190,16 +191,13 @@ class Run:
 
 def start_run(recipe: Recipe, name: str, settings: TrainConfig) -> Run:
     """Create the accelerator and the run folder; write the resolved recipe into it."""
-    if settings.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise WartokError(
-            "mixed_precision 'fp16' needs a GPU; on the CPU it would silently run in fp32. Use 'bf16' or 'no'."
-        )
     run_dir = recipe.run_dir(name)
+    field = f"{section_name(recipe, settings)}.mixed_precision"
+    precision = resolve_mixed_precision(settings.mixed_precision, accelerator_device(), field)
 
     # TensorBoard logging goes through Accelerate's tracker, only where the package is installed.
     log_with = "tensorboard" if is_tensorboard_available() else None
-    accelerator = Accelerator(mixed_precision=settings.mixed_precision, log_with=log_with,
-                              project_dir=str(run_dir / "logs"))  # fmt: skip
+    accelerator = Accelerator(mixed_precision=precision, log_with=log_with, project_dir=str(run_dir / "logs"))
     shares = accelerator.num_processes * settings.accumulation_steps
     if settings.batch_size % shares:
         section = section_name(recipe, settings)
@@ -221,9 +219,14 @@ def start_run(recipe: Recipe, name: str, settings: TrainConfig) -> Run:
         write_atomic(run_dir / "recipe.resolved.yaml", recipe.to_yaml())
     accelerator.wait_for_everyone()
     log.info("run %s: %d process(es) on %s, mixed precision %s, %d micro-batch(es) of %d per process and step",
-             run_dir, accelerator.num_processes, accelerator.device, settings.mixed_precision,
+             run_dir, accelerator.num_processes, accelerator.device, describe_precision(settings, precision),
              settings.accumulation_steps, settings.batch_size // shares)  # fmt: skip
     return Run(recipe, name, settings, accelerator, run_dir)
+
+
+def describe_precision(settings: TrainConfig, precision: str) -> str:
+    """Return the precision for the log line, saying when 'auto' chose it."""
+    return f"{precision} (auto)" if settings.mixed_precision == "auto" else precision
 
 
 def section_name(recipe: Recipe, settings: TrainConfig) -> str:

@@ -16,7 +16,14 @@ from wartok_cli.evaluate.reconstruction import evaluate_tokenizer
 from wartok_cli.export import save_model
 from wartok_cli.models import build_tokenizer
 from wartok_cli.recipe import Recipe
-from wartok_cli.train.common import TokenizerObjective, eval_batches, preview_batch, save_grid, train_batches
+from wartok_cli.train.common import (
+    TokenizerObjective,
+    eval_batches,
+    fixed_batch_metrics,
+    preview_batch,
+    save_grid,
+    train_batches,
+)
 from wartok_cli.train.loop import (
     EMA,
     Run,
@@ -81,7 +88,8 @@ def pretrain_tokenizer(recipe: Recipe) -> dict:
     ema = EMA(accelerator.unwrap_model(tokenizer), run.settings.ema_decay)
     objective = TokenizerObjective(run, tokenizer, optimizer, ema)
     trainer = Trainer(run, [(tokenizer, ema)], [scheduler])
-    preview_images = preview_batch(run)
+    # The first 64 validation images: PSNR in the training logs; the first 8 also make the previews.
+    val_images = preview_batch(run, count=64)
 
     def step(step_index: int, batch: dict) -> dict[str, float]:
         images = batch["images"]
@@ -90,11 +98,12 @@ def pretrain_tokenizer(recipe: Recipe) -> dict:
             loss, parts = objective.generator_loss(step_index, output, images)
         clip_and_step(run, loss, tokenizer, optimizer, scheduler)
         parts.update(objective.after_step(step_index, images, output))
+        parts.update(fixed_batch_metrics(run, ema.model, val_images, step_index))
         return {"loss": loss.item(), **parts}
 
     def after_step(done: int) -> None:
         if done % run.settings.preview_every == 0 or done == run.settings.steps:
-            preview_tokenizer(run, ema.model, preview_images, done)
+            preview_tokenizer(run, ema.model, val_images[:8], done)
 
     trainer.fit(step, train_batches(run), after_step)
     check_in_sync(accelerator, tokenizer, run.name)

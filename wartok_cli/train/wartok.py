@@ -19,7 +19,7 @@ from wartok_cli.evaluate.reconstruction import codebook_stats
 from wartok_cli.export import load_prior, load_tokenizer
 from wartok_cli.models import build_tokenizer
 from wartok_cli.recipe import Recipe
-from wartok_cli.train.common import TokenizerObjective, preview_batch, train_batches
+from wartok_cli.train.common import TokenizerObjective, fixed_batch_metrics, preview_batch, train_batches
 from wartok_cli.train.loop import EMA, Trainer, check_in_sync, clip_and_step, make_optimizer, start_run, warmup_cosine
 from wartok_cli.train.pretrain import finish_tokenizer_run, preview_tokenizer, tokenizer_config
 from wartok_cli.train.prior import build_prior
@@ -73,8 +73,12 @@ def train_wartok(recipe: Recipe) -> dict:
     init_dir = None if settings.init_tokenizer is None else recipe.run_dir(settings.init_tokenizer)
     objective = TokenizerObjective(run, tokenizer, optimizer, ema, init_dir)
     trainer = Trainer(run, [(tokenizer, ema)], [scheduler])
-    preview_images = preview_batch(run)
+    # The first 64 validation images: PSNR in the training logs; the first 8 also make the previews.
+    val_images = preview_batch(run, count=64)
     window = torch.zeros(recipe.tokenizer.codebook_size, dtype=torch.float64)  # decayed index counts
+    # lambda = 0 is the control: reconstruction training only. The auxiliary prior is neither run nor
+    # updated, and the target only measures how predictable the tokens stay.
+    control = settings.weight == 0
 
     def update_priors(indices: torch.Tensor, labels: torch.Tensor) -> float:
         """Refit q_aux on the current tokens, then update the target by its mode; return q_aux's loss."""
@@ -89,14 +93,23 @@ def train_wartok(recipe: Recipe) -> dict:
     def step(step_index: int, batch: dict) -> dict[str, float]:
         images, labels = batch["images"], batch["labels"]
         # During the first aux_fit_steps steps only q_aux learns: the tokenizer runs without gradients.
-        fitting = step_index < settings.aux_fit_steps
-        weight = 0.0 if fitting else wgf.ramped_weight(step_index, settings.weight, settings.weight_start,
-                                                        settings.weight_ramp)
+        fitting = not control and step_index < settings.aux_fit_steps
+        weight = (
+            0.0
+            if fitting
+            else wgf.ramped_weight(step_index, settings.weight, settings.weight_start, settings.weight_ramp)
+        )
         with torch.set_grad_enabled(not fitting), accelerator.autocast():
             output = tokenizer(images, temperature=settings.temperature)
             recon, parts = objective.generator_loss(step_index, output, images)
             indices = output.quant.indices
             target_log_probs = wgf.log_probs(target, indices, labels)
+        if control:
+            clip_and_step(run, recon, tokenizer, optimizer, scheduler)
+            parts.update(objective.after_step(step_index, images, output))
+            parts.update(fixed_batch_metrics(run, ema.model, val_images, step_index))
+            return {"loss": recon.item(), **parts, **token_metrics(indices, target_log_probs)}
+        with torch.set_grad_enabled(not fitting), accelerator.autocast():
             aux_log_probs = wgf.log_probs(aux, indices, labels) if settings.contrast == "full" else None
             contrast = wgf.contrast(aux_log_probs, target_log_probs, settings.contrast)
             soft = output.quant.soft_assignment
@@ -114,25 +127,35 @@ def train_wartok(recipe: Recipe) -> dict:
         elif not fitting:
             clip_and_step(run, loss, tokenizer, optimizer, scheduler)
         parts.update(objective.after_step(step_index, images, output, tokenizer_updated=not fitting))
+        parts.update(fixed_batch_metrics(run, ema.model, val_images, step_index))
 
         aux_ce = update_priors(indices, labels)
-        # Cross-entropy of the target on the current tokens: how predictable they are to the prior.
-        target_ce = -target_log_probs.gather(-1, indices[..., None]).mean().item()
         hard_contrast = contrast.gather(-1, indices[..., None])
+        return {
+            "loss": loss.item(),
+            "recon": recon.item(),
+            **parts,
+            "l_wgf": prior_loss.item(),
+            "lambda": weight,
+            "contrast_mean": hard_contrast.mean().item(),
+            "contrast_std": hard_contrast.std().item(),
+            "aux_ce": aux_ce,
+            **token_metrics(indices, target_log_probs),
+        }
+
+    def token_metrics(indices: torch.Tensor, target_log_probs: torch.Tensor) -> dict[str, float]:
+        """Return the target's cross-entropy on the current tokens and the recent codebook usage."""
+        # The target's cross-entropy measures how predictable the current tokens are to the prior.
+        target_ce = -target_log_probs.gather(-1, indices[..., None]).mean().item()
         window.mul_(0.98).add_(torch.bincount(indices.flatten().cpu(), minlength=len(window)).double())
         recent = codebook_stats(window)
-        return {
-            "loss": loss.item(), "recon": recon.item(), **parts, "l_wgf": prior_loss.item(), "lambda": weight,
-            "contrast_mean": hard_contrast.mean().item(), "contrast_std": hard_contrast.std().item(),
-            "aux_ce": aux_ce, "target_ce": target_ce, "usage_recent": recent["codebook_usage"],
-            "perplexity_recent": recent["perplexity"],
-        }
+        return {"target_ce": target_ce, "usage_recent": recent["codebook_usage"],
+                "perplexity_recent": recent["perplexity"]}  # fmt: skip
 
     def after_step(done: int) -> None:
         if done % settings.preview_every == 0 or done == settings.steps:
-            preview_tokenizer(run, ema.model, preview_images, done)
+            preview_tokenizer(run, ema.model, val_images[:8], done)
 
     trainer.fit(step, train_batches(run), after_step)
     check_in_sync(accelerator, tokenizer, run.name)
     return finish_tokenizer_run(run, ema, objective)
-
