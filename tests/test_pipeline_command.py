@@ -195,6 +195,12 @@ def test_baseline_name_clash_rejected(chain):
     assert "pipeline.baseline_run_name" in result.output
 
 
+def test_compare_name_clash_rejected(chain):
+    result = invoke("compare", str(chain["recipe"]), "--set", "pipeline.baseline_run_name=wartok")
+    assert result.exit_code == 2, describe(result)
+    assert "pipeline.baseline_run_name" in result.output
+
+
 def test_bundled_recipe_matches_repository():
     assert bundled_recipe().read_text() == (REPO / "recipes" / "quickstart.yaml").read_text()
 
@@ -242,7 +248,7 @@ def test_two_processes_run_and_skip_the_chain(token_cache, tmp_path):
     assert (output_dir / "comparison.json").is_file()
     mtimes = final_files(output_dir)
 
-    # Both ranks read the same files after each stage's barrier, so both skip every stage.
+    # The main process finds every stage complete and sends that to the other rank, so both skip them all.
     second = launch_two(["pipeline", str(recipe_path)], tmp_path, token_cache)
     assert second.returncode == 0, second.stderr[-3000:]
     assert final_files(output_dir) == mtimes

@@ -23,7 +23,8 @@ def tiny_overrides(output_dir: Path) -> list[str]:
     """Return --set arguments that turn the quickstart recipe into the tiny test recipe."""
     recipe = tiny_recipe(output_dir)
     recipe["sample"] = {"num_samples": 10, "batch_size": 10, "preview": 0}
-    recipe["evaluate"] = {"metrics": ["reconstruction", "gloss"], "batch_size": 16}
+    # gfid reads the samples through the script's evaluate.samples=samples/<name>.
+    recipe["evaluate"] = {"metrics": ["reconstruction", "gfid", "gloss"], "batch_size": 16}
     arguments = []
     for key, value in recipe.items():
         fields = value.items() if isinstance(value, dict) else [(None, value)]
@@ -62,3 +63,4 @@ def test_script_compares_the_chains(script_run):
     assert comparison["baseline"]["weight"] == 0.0
     assert Path(comparison["wartok"]["report"]).parent.name == "evaluate-wartok"
     assert "baseline and wAR-Tok after" in result.stdout
+    assert "gfid" in comparison["wartok"]["metrics"]

@@ -198,15 +198,20 @@ def pipeline(
 
 @app.command()
 @user_errors
-def compare(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) -> None:
+def compare(
+    recipe: Optional[Path] = typer.Argument(
+        None, help="Path of the YAML recipe; without it, the quickstart recipe shipped with wartok.", show_default=False
+    ),
+    overrides: List[str] = SetOption,
+) -> None:
     """Print the lambda = 0 baseline and wAR-Tok side by side from their evaluate reports.
 
     Reads <output_dir>/evaluate-<pipeline.baseline_run_name> and evaluate-<wartok.run_name>, and writes
     <output_dir>/comparison.json and comparison.md, as `wartok pipeline` does at its end.
     """
-    from wartok_cli.pipeline import compare_and_report
+    from wartok_cli.pipeline import bundled_recipe, compare_and_report
 
-    compare_and_report(_load(recipe, overrides))
+    compare_and_report(_load(recipe if recipe is not None else bundled_recipe(), overrides))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -227,13 +227,17 @@ def chains(recipe: Recipe) -> list[Chain]:
     """Return the wAR-Tok chain and, when pipeline.baseline is true, the lambda = 0 baseline chain."""
     found = [Chain(recipe.wartok.run_name, recipe.wartok.weight)]
     if recipe.pipeline.baseline:
-        if recipe.pipeline.baseline_run_name == recipe.wartok.run_name:
-            raise WartokError(
-                f"pipeline.baseline_run_name and wartok.run_name are both {recipe.wartok.run_name!r}, so the "
-                "baseline would overwrite the wAR-Tok run. Set pipeline.baseline_run_name to another name."
-            )
+        _check_baseline_name(recipe)
         found.append(Chain(recipe.pipeline.baseline_run_name, 0.0))
     return found
+
+
+def _check_baseline_name(recipe: Recipe) -> None:
+    if recipe.pipeline.baseline_run_name == recipe.wartok.run_name:
+        raise WartokError(
+            f"pipeline.baseline_run_name and wartok.run_name are both {recipe.wartok.run_name!r}, so the "
+            "baseline would overwrite the wAR-Tok run. Set pipeline.baseline_run_name to another name."
+        )
 
 
 def _chain_recipes(recipe: Recipe, chain: Chain) -> dict[Stage, Recipe]:
@@ -400,6 +404,7 @@ def compare(recipe: Recipe) -> dict:
     """
     from wartok_cli.evaluate.report import REPORT_FILE
 
+    _check_baseline_name(recipe)
     wartok = Chain(recipe.wartok.run_name, recipe.wartok.weight)
     baseline = Chain(recipe.pipeline.baseline_run_name, 0.0)
     columns = {}

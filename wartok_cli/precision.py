@@ -32,7 +32,7 @@ def accelerator_device() -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Return whether the device computes in bf16 natively, rather than by emulation."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         # NOTE: torch.cpu._is_avx512_bf16_supported and _is_amx_tile_supported are private (torch 2.14);
         # where they are missing, the CPU counts as having no native bf16, so 'auto' chooses fp32.

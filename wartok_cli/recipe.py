@@ -496,7 +496,8 @@ class EvaluateConfig(Section):
     samples: str = Field(
         "samples",
         description="Samples for gfid, kid and inception_score: the .npz that `wartok sample` writes (uint8 images "
-        "N x H x W x C) or a folder containing one .npz; a name under output_dir or a path.",
+        "N x H x W x C) or a folder containing one .npz; a name under output_dir, or a path (a relative path that "
+        "is missing from the working directory is looked up under output_dir, e.g. 'samples/<sample.name>').",
     )
     reference_split: Literal["train", "val"] = Field(
         "train", description="Split whose Inception statistics are the reference of gfid and kid."

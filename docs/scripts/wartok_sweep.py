@@ -178,10 +178,18 @@ def main() -> None:
         row_file.write_text(json.dumps(row, indent=2))
         print(f"done {name}: gLoss {row['gloss']:.4f}, PSNR {row['psnr']:.2f} dB, {seconds:.0f} s", flush=True)
 
-    settings = [(variant, weight, seed) for seed in args.seeds for variant, weight in [("control", 0.0), *pairs]]
+    # A setting listed twice would have two jobs train the same run folder at once.
+    settings = list(dict.fromkeys((variant, weight, seed) for seed in args.seeds
+                                  for variant, weight in [("control", 0.0), *pairs]))  # fmt: skip
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for future in [pool.submit(run_setting, *setting) for setting in settings]:
-            future.result()
+        futures = {pool.submit(run_setting, *setting): setting for setting in settings}
+        for future, (variant, weight, seed) in futures.items():
+            try:
+                future.result()
+            except subprocess.CalledProcessError:
+                pool.shutdown(cancel_futures=True)
+                name = f"{variant}-l{weight:g}-s{seed}"
+                raise SystemExit(f"{name} failed; its output is in {output_dir / (name + '.log')}") from None
     rows = [json.loads(path.read_text()) for path in sorted(output_dir.glob("*/sweep-row.json"))]
     rows.sort(key=lambda row: (row["seed"], row["variant"] != "control", row["variant"], row["lambda"]))
     write_table(rows, output_dir)

@@ -212,7 +212,7 @@ def make_plan(recipe: Recipe) -> Plan:
         plan.weights = fid_weights.standard_weights_path(settings.fid_weights)
         plan.weights_info = fid_weights.weights_info(plan.weights)
     if plan.metrics & SAMPLE_METRICS:
-        plan.samples = load_samples(recipe.run_dir(settings.samples))
+        plan.samples = load_samples(samples_path(recipe))
         _warn_on_resolution(plan)
     if plan.metrics & REFERENCE_METRICS and settings.reference_statistics is not None:
         plan.reference_file = Path(settings.reference_statistics).expanduser()
@@ -271,6 +271,21 @@ def _check_sizes(plan: Plan) -> None:
             f"evaluate.isc_splits ({settings.isc_splits}) is larger than the number of samples ({samples}). "
             f"Set evaluate.isc_splits to at most {samples}."
         )
+
+
+def samples_path(recipe: Recipe) -> Path:
+    """Return the path of evaluate.samples: a name under output_dir, or a path.
+
+    A relative path that does not exist from the working directory but does under output_dir,
+    such as 'samples/wartok' for the folder that `wartok sample --set sample.name=wartok` writes,
+    is taken from output_dir.
+    """
+    value = recipe.evaluate.samples
+    path = recipe.run_dir(value)
+    under_output = recipe.output_dir / value
+    if not path.exists() and not Path(value).is_absolute() and under_output.exists():
+        return under_output
+    return path
 
 
 def _reference_count_for_kid(plan: Plan) -> int:

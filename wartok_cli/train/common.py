@@ -156,9 +156,9 @@ def preview_batch(run: Run, count: int = 8) -> torch.Tensor:
 
 
 def fixed_batch_metrics(run: Run, tokenizer: nn.Module, images: torch.Tensor, step_index: int) -> dict[str, float]:
-    """On the stage's log steps, return the tokenizer's PSNR on a fixed validation batch; else nothing."""
+    """On the last micro-batch of a log step, return the tokenizer's PSNR on a fixed validation batch."""
     done, settings = step_index + 1, run.settings
-    if done % settings.log_every and done != settings.steps:
+    if not run.status.last_micro_batch or (done % settings.log_every and done != settings.steps):
         return {}
     return {"val_psnr": fixed_batch_psnr(tokenizer, images, run.accelerator)}
 
