@@ -146,12 +146,16 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--jobs", type=int, default=1, help="settings trained at once")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
+    parser.add_argument("--report-only", action="store_true", help="tabulate and plot the finished runs, train nothing")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, args.overrides)
     output_dir = recipe.output_dir
     base = list(args.overrides)
     pairs = parse_variants(args.variants, args.weights)
 
+    if args.report_only:
+        report(output_dir)
+        return
     run_stage("prepare", args.recipe, base, recipe.shards_dir / "manifest.json")
     run_stage("pretrain-tokenizer", args.recipe, base, output_dir / "tokenizer" / "metrics.json")
     run_stage("train-prior", args.recipe, base, output_dir / "prior" / "metrics.json")
@@ -190,7 +194,14 @@ def main() -> None:
                 pool.shutdown(cancel_futures=True)
                 name = f"{variant}-l{weight:g}-s{seed}"
                 raise SystemExit(f"{name} failed; its output is in {output_dir / (name + '.log')}") from None
+    report(output_dir)
+
+
+def report(output_dir: Path) -> None:
+    """Write the table and the plot of every finished run in the output folder."""
     rows = [json.loads(path.read_text()) for path in sorted(output_dir.glob("*/sweep-row.json"))]
+    if not rows:
+        raise SystemExit(f"no finished runs in {output_dir}")
     rows.sort(key=lambda row: (row["seed"], row["variant"] != "control", row["variant"], row["lambda"]))
     write_table(rows, output_dir)
     plot(rows, output_dir)
