@@ -32,6 +32,8 @@ from wartok_cli.recipe import load_recipe
 VARIANTS = {
     "frozen": ["wartok.target=frozen"],
     "frozen-fit": ["wartok.target=frozen", "wartok.aux_init=fit", "wartok.aux_fit_steps=100"],
+    # lambda rises linearly over the first 60 steps, so the tokens move less abruptly at the start.
+    "frozen-ramp": ["wartok.target=frozen", "wartok.weight_ramp=60"],
     "ema": ["wartok.target=ema"],  # the recipe's wartok.target_half_life applies
     "online": ["wartok.target=online"],
     "target_only": ["wartok.contrast=target_only"],
