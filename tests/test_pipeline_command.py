@@ -253,3 +253,9 @@ def test_two_processes_run_and_skip_the_chain(token_cache, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert final_files(output_dir) == mtimes
     assert "pipeline: running" not in second.stdout + second.stderr
+
+
+def test_compare_without_recipe_uses_bundled(tmp_path):
+    result = invoke("compare", "--set", f"output_dir={tmp_path}")
+    assert result.exit_code == 2, describe(result)
+    assert "evaluate-baseline" in result.output

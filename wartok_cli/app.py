@@ -34,6 +34,9 @@ stderr = Console(stderr=True)
 log = logging.getLogger("wartok")
 
 RecipeArgument = typer.Argument(..., help="Path of the YAML recipe.", show_default=False)
+OptionalRecipeArgument = typer.Argument(
+    None, help="Path of the YAML recipe; without it, the quickstart recipe shipped with wartok.", show_default=False
+)
 SetOption = typer.Option(
     [], "--set", "-s", help="Override a recipe field, e.g. --set pretrain.steps=200. Repeatable.", show_default=False
 )
@@ -179,9 +182,7 @@ def evaluate(recipe: Path = RecipeArgument, overrides: List[str] = SetOption) ->
 @app.command()
 @user_errors
 def pipeline(
-    recipe: Optional[Path] = typer.Argument(
-        None, help="Path of the YAML recipe; without it, the quickstart recipe shipped with wartok.", show_default=False
-    ),
+    recipe: Optional[Path] = OptionalRecipeArgument,
     overrides: List[str] = SetOption,
     first: Optional[Stage] = typer.Option(None, "--from", help="First stage to run.", show_default=False),
     last: Optional[Stage] = typer.Option(None, "--until", help="Last stage to run.", show_default=False),
@@ -199,9 +200,7 @@ def pipeline(
 @app.command()
 @user_errors
 def compare(
-    recipe: Optional[Path] = typer.Argument(
-        None, help="Path of the YAML recipe; without it, the quickstart recipe shipped with wartok.", show_default=False
-    ),
+    recipe: Optional[Path] = OptionalRecipeArgument,
     overrides: List[str] = SetOption,
 ) -> None:
     """Print the lambda = 0 baseline and wAR-Tok side by side from their evaluate reports.
