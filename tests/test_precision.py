@@ -64,7 +64,7 @@ def test_fp16_on_cpu_names_field():
 
 @pytest.mark.parametrize(("use_cpu", "expected"), [("1", "cpu"), (None, "cuda")])
 def test_accelerator_device_follows_accelerate(monkeypatch, use_cpu, expected):
-    # This machine has no GPU, so torch's answer is replaced to pretend one is present.
+    # This machine has no GPU, so torch.cuda.is_available is replaced to report one.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     if use_cpu:
         monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
