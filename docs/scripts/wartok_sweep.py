@@ -34,6 +34,8 @@ VARIANTS = {
     "frozen-fit": ["wartok.target=frozen", "wartok.aux_init=fit", "wartok.aux_fit_steps=100"],
     # lambda rises linearly over the first 60 steps, so the tokens move less abruptly at the start.
     "frozen-ramp": ["wartok.target=frozen", "wartok.weight_ramp=60"],
+    # No clipping of the tokenizer's gradient norm, to see whether grad_clip hides the effect of lambda.
+    "frozen-noclip": ["wartok.target=frozen", "wartok.grad_clip=null"],
     "ema": ["wartok.target=ema"],  # the recipe's wartok.target_half_life applies
     "online": ["wartok.target=online"],
     "target_only": ["wartok.contrast=target_only"],
