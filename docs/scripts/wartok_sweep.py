@@ -101,7 +101,7 @@ def write_table(rows: list[dict], output_dir: Path) -> None:
 
 
 def plot(rows: list[dict], output_dir: Path) -> None:
-    """Plot validation gLoss against PSNR, one series per variant, if matplotlib is installed."""
+    """Plot validation gLoss against PSNR, one color per variant, if matplotlib is installed."""
     try:
         import matplotlib
 
@@ -110,16 +110,32 @@ def plot(rows: list[dict], output_dir: Path) -> None:
     except ImportError:
         print("matplotlib is not installed; skipping the plot")
         return
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    for variant in dict.fromkeys(row["variant"] for row in rows):
-        points = sorted((row["psnr"], row["gloss"], row["lambda"]) for row in rows if row["variant"] == variant)
+    figure, axes = plt.subplots(figsize=(6.5, 4.8))
+    first_seed = min(row["seed"] for row in rows)
+    control = next((row for row in rows if row["variant"] == "control" and row["seed"] == first_seed), None)
+    if control is not None:
+        # Settings inside this band count as matched in reconstruction.
+        axes.axvspan(
+            control["psnr"] - 0.3, control["psnr"] + 0.3, color="grey", alpha=0.12, label="control PSNR ± 0.3 dB"
+        )
+    for index, variant in enumerate(dict.fromkeys(row["variant"] for row in rows)):
+        color = f"C{index}"
         marker = "*" if variant == "control" else "o"
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=variant, linestyle="-")
-        for psnr, gloss, weight in points:
+        # The first seed's settings form a line over lambda; repeats with other seeds are hollow markers.
+        points = sorted((row["psnr"], row["gloss"], row["lambda"]) for row in rows
+                        if row["variant"] == variant and row["seed"] == first_seed)  # fmt: skip
+        repeats = [(row["psnr"], row["gloss"], row["lambda"]) for row in rows
+                   if row["variant"] == variant and row["seed"] != first_seed]  # fmt: skip
+        if points:
+            axes.plot([p[0] for p in points], [p[1] for p in points], marker=marker, color=color, label=variant)
+        if repeats:
+            axes.scatter([p[0] for p in repeats], [p[1] for p in repeats], marker=marker, facecolors="none",
+                         edgecolors=color, label=None if points else variant)  # fmt: skip
+        for psnr, gloss, weight in points + repeats:
             axes.annotate(f"{weight:g}", (psnr, gloss), fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes.set_xlabel("validation PSNR (dB)")
     axes.set_ylabel("validation gLoss (nats/token)")
-    axes.set_title("wAR-Tok sweep: prior loss against reconstruction")
+    axes.set_title(f"wAR-Tok sweep: filled seed {first_seed}, hollow other seeds; labels are lambda", fontsize=9)
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
