@@ -121,7 +121,7 @@ def plot(rows: list[dict], output_dir: Path) -> None:
     for index, variant in enumerate(dict.fromkeys(row["variant"] for row in rows)):
         color = f"C{index}"
         marker = "*" if variant == "control" else "o"
-        # The first seed's settings form a line over lambda; repeats with other seeds are hollow markers.
+        # The first seed's settings form a line over lambda, and repeats with other seeds are hollow markers.
         points = sorted((row["psnr"], row["gloss"], row["lambda"]) for row in rows
                         if row["variant"] == variant and row["seed"] == first_seed)  # fmt: skip
         repeats = [(row["psnr"], row["gloss"], row["lambda"]) for row in rows
